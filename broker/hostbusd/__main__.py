@@ -1,0 +1,5 @@
+import sys
+
+from hostbusd.main import main
+
+sys.exit(main())

@@ -1,0 +1,200 @@
+"""Configuration: the TOML file's schema as pydantic models, with every default and its reason.
+
+``Config.model_json_schema()`` generates ``config/hostbus.schema.json``; ``config/hostbus.toml``
+is the commented example. Every bound the broker enforces is a field here.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+MiB = 1024 * 1024
+
+Policy = Literal["drop-oldest", "drop-new", "disconnect"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SocketConfig(_Section):
+    dir_mode: int | None = Field(
+        None, ge=0, le=0o777,
+        description="Mode of the runtime directory when hostbusd creates it (TOML: 0o755). The socket's "
+        "access is decided by this directory, set before the socket exists. Default: 0o700 for a user "
+        "instance (only its owner may connect), 0o755 for root's system instance.",
+    )
+    mode: int | None = Field(
+        None, ge=0, le=0o777,
+        description="Mode of the socket file, applied through the umask at bind time (never chmod after). "
+        "Default: 0o600 for a user instance, 0o666 for root's system instance (any local user may connect; "
+        "who may do what is decided per message from the kernel-verified identity).",
+    )
+
+
+class LimitsConfig(_Section):
+    max_frame_bytes: int = Field(
+        8 * MiB, ge=64 * 1024, le=1024 * MiB,
+        description="Largest frame (topic, headers and payload of one message) a client may send. Checked "
+        "from the 6-byte header before the body is buffered; bounds the memory of one message. 8 MiB fits "
+        "camera frames and file chunks; larger payloads belong in shared memory.",
+    )
+    max_connections: int = Field(
+        1024, ge=1,
+        description="Connections the daemon accepts at once; one more is told CONNECTION_LIMIT and closed. "
+        "Keeps file descriptors and memory bounded (stay below the process's RLIMIT_NOFILE).",
+    )
+    max_subscriptions_per_connection: int = Field(
+        10000, ge=1,
+        description="Subscriptions one connection may hold. Each costs an index entry and a queue.",
+    )
+    max_queued_bytes_per_connection: int = Field(
+        64 * MiB, ge=64 * 1024,
+        description="Bytes of messages held for one connection that is not reading, across all its "
+        "subscriptions; past it each subscription's overflow policy applies. With the write batch and the "
+        "transport buffer, this bounds what a stalled client can make the broker hold.",
+    )
+    write_batch_bytes: int = Field(
+        256 * 1024, ge=4096,
+        description="Output collected for a peer before it is written without waiting for the end of the "
+        "loop iteration. Large enough to batch thousands of small messages per write.",
+    )
+    handshake_timeout: float = Field(
+        5.0, gt=0,
+        description="Seconds a new connection has to send HELLO; then it is closed with TIMEOUT.",
+    )
+    frame_timeout: float = Field(
+        10.0, gt=0,
+        description="Seconds a frame may stay partly received; a client that sends half a frame and "
+        "stalls is closed with TIMEOUT so it cannot pin a buffer forever.",
+    )
+    close_timeout: float = Field(
+        2.0, gt=0,
+        description="Seconds a closing connection gets to take its final error frame before it is aborted.",
+    )
+
+
+class SubscriptionsConfig(_Section):
+    policy: Policy = Field(
+        "drop-oldest",
+        description="Overflow policy of a subscription that does not ask for one: drop-oldest keeps the "
+        "freshest data (telemetry), drop-new keeps order from the start, disconnect ends the slow client.",
+    )
+    max_queued_msgs: int = Field(
+        65536, ge=1,
+        description="Messages queued per subscription while its connection cannot take more (default for "
+        "subscriptions that do not ask; a request above max_queued_bytes_per_connection is capped).",
+    )
+    max_queued_bytes: int = Field(
+        16 * MiB, ge=1024,
+        description="Bytes queued per subscription while its connection cannot take more (default for "
+        "subscriptions that do not ask).",
+    )
+
+
+class RetainedConfig(_Section):
+    max_topics: int = Field(
+        10000, ge=0,
+        description="Topics with a retained message. A subscribe scans them, so this bounds its cost too; "
+        "past it a retained publish is delivered but not stored, and the publisher gets a LIMIT error.",
+    )
+    max_bytes: int = Field(64 * MiB, ge=0, description="Total bytes of retained messages.")
+
+
+class StatsConfig(_Section):
+    max_topics: int = Field(
+        1000, ge=0,
+        description="Topics with their own message counter in `hostbus stats`; further topics are "
+        "counted together as '(other)', so the counters cannot grow without bound.",
+    )
+
+
+class LogConfig(_Section):
+    format: Literal["auto", "console", "json"] = Field(
+        "auto", description="auto: readable console lines on a terminal, JSON lines otherwise (journald)."
+    )
+    level: Literal["debug", "info", "warning", "error"] = Field("info", description="Lowest level logged.")
+    peer_error_interval: float = Field(
+        10.0, ge=0,
+        description="Seconds between two log lines about misbehaving peers of the same kind; the lines "
+        "between are counted and the count is logged with the next one, so a flood cannot fill the disk.",
+    )
+
+
+class ShutdownConfig(_Section):
+    drain_timeout: float = Field(
+        5.0, ge=0,
+        description="On SIGTERM/SIGINT: seconds to deliver what is queued before connections are closed.",
+    )
+
+
+class Config(_Section):
+    """hostbusd configuration. Every key is optional; command-line flags override the file."""
+
+    runtime_dir: str | None = Field(
+        None, description="Directory of the socket. Default: /run/hostbus for root, else "
+        "$XDG_RUNTIME_DIR/hostbus, else /tmp/hostbus-<uid>.",
+    )
+    state_dir: str | None = Field(
+        None, description="Directory for stored state. Default: /var/lib/hostbus for root, else "
+        "$XDG_STATE_HOME/hostbus, else ~/.local/state/hostbus.",
+    )
+    socket: SocketConfig = SocketConfig()
+    limits: LimitsConfig = LimitsConfig()
+    subscriptions: SubscriptionsConfig = SubscriptionsConfig()
+    retained: RetainedConfig = RetainedConfig()
+    stats: StatsConfig = StatsConfig()
+    log: LogConfig = LogConfig()
+    shutdown: ShutdownConfig = ShutdownConfig()
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the key, the value and what is allowed."""
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in error["loc"]) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key (see config/hostbus.toml for the keys there are)"
+    value = error.get("input")
+    return f"{key} = {value!r}: {error['msg']}"
+
+
+def parse(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> Config:
+    """Validate a parsed TOML document (plus flag overrides) into a :class:`Config`."""
+    merged = dict(data)
+    for key, value in (overrides or {}).items():
+        section, _, name = key.partition(".")
+        if name:
+            merged[section] = {**merged.get(section, {}), name: value}
+        else:
+            merged[key] = value
+    try:
+        return Config.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError("; ".join(_describe(e) for e in exc.errors())) from None  # type: ignore[arg-type]
+
+
+def load(path: Path | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read and validate the TOML file at ``path`` (None: defaults only)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with path.open("rb") as f:
+                data = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    return parse(data, overrides)
+
+
+def json_schema() -> dict[str, Any]:
+    schema = Config.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "hostbusd configuration"
+    return schema

@@ -1,0 +1,129 @@
+"""Hub: what all peers share -- the router, the session registry, limits, counters, identities.
+
+Built from a :class:`Config` alone, with no I/O, so tests can drive it without an event loop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from typing import Any
+
+from hostbus import topics, wire
+from hostbusd import __version__
+from hostbusd.config import Config
+from hostbusd.core.identity import Identity
+from hostbusd.core.outbound import OutboundQueue
+from hostbusd.core.router import Router
+from hostbusd.core.session import Session
+
+PeerErrorSink = Callable[..., Any]
+
+
+def _ignore(kind: str, **fields: Any) -> None:
+    pass
+
+
+class Hub:
+    def __init__(self, config: Config, on_peer_error: PeerErrorSink = _ignore) -> None:
+        self.config = config
+        lim = config.limits
+        self.router = Router(
+            max_subscriptions=lim.max_subscriptions_per_connection,
+            retained_max_topics=config.retained.max_topics,
+            retained_max_bytes=config.retained.max_bytes,
+            stats_max_topics=config.stats.max_topics,
+        )
+        self.sessions: set[Session] = set()
+        self.on_peer_error = on_peer_error
+        self._refs = itertools.count(1)
+        self.started = time.time()
+        self.connections_total = 0
+        self.rejected_connections = 0
+        self.peer_errors = 0
+        self.closed_totals = {"msgs_out": 0, "bytes_out": 0, "dropped": 0}
+
+    def identity(self, uid: int, gid: int, pid: int, origin: str = "") -> Identity:
+        return Identity(next(self._refs), uid, gid, pid, origin)
+
+    def new_session(self, ident: Identity) -> Session:
+        lim = self.config.limits
+        return Session(ident, batch_bytes=lim.write_batch_bytes, max_queued_bytes=lim.max_queued_bytes_per_connection)
+
+    def has_room(self) -> bool:
+        return len(self.sessions) < self.config.limits.max_connections
+
+    def open(self, session: Session) -> str:
+        """A session finished its handshake; returns its inbox prefix."""
+        self.sessions.add(session)
+        self.connections_total += 1
+        subs = self.config.subscriptions
+        return self.router.attach(session, OutboundQueue(subs.policy, subs.max_queued_msgs, subs.max_queued_bytes))
+
+    def close(self, session: Session) -> None:
+        if session in self.sessions:
+            self.sessions.discard(session)
+            self.router.detach(session)
+            totals = self.closed_totals
+            totals["msgs_out"] += session.msgs_out
+            totals["bytes_out"] += session.bytes_out
+            totals["dropped"] += session.dropped
+
+    def peer_error(self, kind: str, session: Session | None, **fields: Any) -> None:
+        self.peer_errors += 1
+        if session is not None:
+            ident = session.ident
+            fields.update(peer=ident.ref, uid=ident.uid, pid=ident.pid)
+            if session.name:
+                fields["name"] = session.name
+        self.on_peer_error(kind, **fields)
+
+    def welcome(self, session: Session, inbox: str) -> dict[str, Any]:
+        ident = session.ident
+        lim = self.config.limits
+        return {
+            "protocol": wire.PROTOCOL_VERSION,
+            "server": f"hostbusd {__version__}",
+            "client_id": ident.ref,
+            "identity": {"uid": ident.uid, "gid": ident.gid, "pid": ident.pid},
+            "inbox": inbox,
+            "limits": {
+                "max_frame_bytes": lim.max_frame_bytes,
+                "max_subscriptions": lim.max_subscriptions_per_connection,
+                "max_topic_bytes": topics.MAX_TOPIC_BYTES,
+                "max_headers_bytes": wire.frames.MAX_HEADERS_BYTES,
+                "max_queued_bytes_per_connection": lim.max_queued_bytes_per_connection,
+            },
+        }
+
+    def stats(self) -> dict[str, Any]:
+        r = self.router
+        st = r.stats
+        msgs_out = self.closed_totals["msgs_out"] + sum(s.msgs_out for s in self.sessions)
+        bytes_out = self.closed_totals["bytes_out"] + sum(s.bytes_out for s in self.sessions)
+        dropped = self.closed_totals["dropped"] + sum(s.dropped for s in self.sessions)
+        per_topic = dict(sorted(st.topics.items(), key=lambda kv: -kv[1]))
+        if st.topics_other:
+            per_topic["(other)"] = st.topics_other
+        return {
+            "server": f"hostbusd {__version__}",
+            "uptime_s": round(time.time() - self.started, 3),
+            "connections": len(self.sessions),
+            "connections_total": self.connections_total,
+            "connections_rejected": self.rejected_connections,
+            "subscriptions": sum(len(s.subs) for s in self.sessions),
+            "queue_groups": len(r.groups),
+            "retained": {"topics": len(r.retained), "bytes": r.retained.nbytes},
+            "messages": {
+                "in": st.msgs_in,
+                "bytes_in": st.bytes_in,
+                "out": msgs_out,
+                "bytes_out": bytes_out,
+                "dropped": dropped,
+                "no_responders": st.no_responders,
+            },
+            "queued_bytes": sum(s.queued_bytes for s in self.sessions),
+            "peer_errors": self.peer_errors,
+            "topics": per_topic,
+        }

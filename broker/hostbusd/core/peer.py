@@ -1,0 +1,191 @@
+"""PeerCore: the broker's side of one Unix-socket connection, sans-IO.
+
+Bytes go in through :meth:`PeerCore.receive`; every complete frame is parsed and handled before
+it returns (a batch per read); output accumulates in the :class:`Session` for the transport to
+write once. States:
+
+=============  ==========================================  ==========================
+state          frames accepted                              next state
+=============  ==========================================  ==========================
+HELLO          HELLO                                        OPEN (WELCOME sent)
+OPEN           PUB, SUB, UNSUB, PING, CALL                  OPEN
+CLOSED         none (input ignored)                         --
+=============  ==========================================  ==========================
+
+Anything else, and any malformed frame, ends the connection with a fatal ERR frame naming the
+problem: the peer's fault never reaches another peer.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from hostbus import wire
+from hostbus.errors import ErrorCode, HostbusError, InvalidTopicError, RemoteProtocolError
+from hostbus.wire import FrameType
+from hostbusd.core.hub import Hub
+from hostbusd.core.identity import Identity
+from hostbusd.core.router import SubscribeOptions
+from hostbusd.core.session import Session
+
+_MAX_GROUP_BYTES = 255
+
+
+class State(enum.Enum):
+    HELLO = "hello"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class PeerCore:
+    __slots__ = ("decoder", "hub", "session", "state")
+
+    def __init__(self, hub: Hub, ident: Identity) -> None:
+        self.hub = hub
+        self.session: Session = hub.new_session(ident)
+        self.decoder = wire.Decoder(wire.CLIENT_FRAMES, wire.HANDSHAKE_MAX_FRAME)
+        self.state = State.HELLO
+
+    @property
+    def partial(self) -> bool:
+        """A frame has begun but not completed."""
+        return self.decoder.buffered > 0
+
+    def receive(self, data: bytes) -> None:
+        if self.state is State.CLOSED:
+            return
+        dec = self.decoder
+        dec.feed(data)
+        session = self.session
+        try:
+            while True:
+                frames = dec.frames()
+                if not frames:
+                    break
+                for ftype, flags, body in frames:
+                    if ftype == FrameType.PUB and self.state is State.OPEN:
+                        self._publish(flags, body)
+                    else:
+                        self._control(ftype, body)
+                    if session.closing:
+                        return
+        except RemoteProtocolError as exc:
+            self.fail(exc.code or ErrorCode.PROTOCOL, str(exc))
+        except InvalidTopicError as exc:
+            self.fail(ErrorCode.INVALID_TOPIC, str(exc))
+
+    def _publish(self, flags: int, body: bytes) -> None:
+        topic, reply, h0, h1 = wire.split_block(body)
+        router = self.hub.router
+        router.check_topic(topic)
+        if h1 > h0:
+            wire.decode_headers(memoryview(body)[h0:h1])
+        if flags & wire.PUB_REQUEST and not reply:
+            raise RemoteProtocolError("PUB with the REQUEST flag has no reply subject")
+        session = self.session
+        session.msgs_in += 1
+        session.bytes_in += len(body)
+        try:
+            router.publish(session.ident, topic, body, flags, reply, len(body) - h1, session)
+        except HostbusError as exc:  # a limit of the retained store: tell the publisher, go on
+            self.hub.peer_error("retained_limit", session, topic=topic)
+            session.send(wire.encode_err(exc.code or ErrorCode.LIMIT, 0, str(exc), fatal=False))
+
+    def _control(self, ftype: int, body: bytes) -> None:
+        if self.state is State.HELLO:
+            if ftype != FrameType.HELLO:
+                raise RemoteProtocolError(
+                    f"expected HELLO as the first frame, got {FrameType(ftype).name}", code=ErrorCode.HANDSHAKE
+                )
+            self._hello(body)
+        elif ftype == FrameType.SUB:
+            self._subscribe(body)
+        elif ftype == FrameType.UNSUB:
+            sid, _ = wire.split_u32(body)
+            self.hub.router.unsubscribe(self.session, sid)
+        elif ftype == FrameType.PING:
+            token, _ = wire.split_u32(body)
+            self.session.send(wire.encode_u32(FrameType.PONG, token))
+        elif ftype == FrameType.CALL:
+            self._call(body)
+        else:
+            raise RemoteProtocolError(f"{FrameType(ftype).name} is not allowed after the handshake",
+                                      code=ErrorCode.PROTOCOL)
+
+    def _hello(self, body: bytes) -> None:
+        hello = wire.decode_json_obj(body)
+        version = hello.get("protocol")
+        if version != wire.PROTOCOL_VERSION:
+            raise RemoteProtocolError(
+                f"unsupported protocol version {version!r}; this broker speaks {wire.PROTOCOL_VERSION}",
+                code=ErrorCode.HANDSHAKE,
+            )
+        name = hello.get("name")
+        if isinstance(name, str):
+            self.session.name = name[:128]
+        inbox = self.hub.open(self.session)
+        self.session.send(wire.encode_json(FrameType.WELCOME, self.hub.welcome(self.session, inbox)))
+        self.decoder.max_frame = self.hub.config.limits.max_frame_bytes
+        self.state = State.OPEN
+
+    def _subscribe(self, body: bytes) -> None:
+        sid, raw = wire.split_u32(body)
+        session = self.session
+        try:
+            opts = self._sub_options(wire.decode_json_obj(raw))
+            self.hub.router.subscribe(session, sid, opts)
+        except (HostbusError, RemoteProtocolError) as exc:
+            self.hub.peer_error("subscribe_refused", session, sid=sid, reason=str(exc))
+            session.send(wire.encode_err(exc.code or ErrorCode.INVALID_ARGUMENT, sid, str(exc), fatal=False))
+            return
+        session.send(wire.encode_u32(FrameType.OK, sid))
+
+    def _sub_options(self, obj: dict[str, Any]) -> SubscribeOptions:
+        cfg = self.hub.config
+        pattern = obj.get("pattern")
+        group = obj.get("group")
+        policy = obj.get("policy") or cfg.subscriptions.policy
+        max_msgs = obj.get("max_msgs") or cfg.subscriptions.max_queued_msgs
+        max_bytes = obj.get("max_bytes") or cfg.subscriptions.max_queued_bytes
+
+        def bad(what: str) -> HostbusError:
+            return HostbusError(f"SUB: {what}", code=ErrorCode.INVALID_ARGUMENT)
+
+        if not isinstance(pattern, str):
+            raise bad("'pattern' must be a string")
+        if group is not None and (
+            not isinstance(group, str) or not group or len(group.encode()) > _MAX_GROUP_BYTES
+            or any(c.isspace() for c in group)
+        ):
+            raise bad(f"'group' must be a non-empty name of at most {_MAX_GROUP_BYTES} bytes without spaces")
+        if policy not in wire.POLICIES:
+            raise bad(f"'policy' {policy!r} is not one of {', '.join(wire.POLICIES)}")
+        for key, value in (("max_msgs", max_msgs), ("max_bytes", max_bytes)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise bad(f"'{key}' must be a positive integer")
+        max_bytes = min(max_bytes, cfg.limits.max_queued_bytes_per_connection)
+        return SubscribeOptions(pattern, group, policy, max_msgs, max_bytes)
+
+    def _call(self, body: bytes) -> None:
+        call_id, raw = wire.split_u32(body)
+        req = wire.decode_json_obj(raw)
+        op = req.get("op")
+        session = self.session
+        if op == "stats":
+            result = self.hub.stats()
+        elif op == "whoami":
+            result = self.hub.welcome(session, f"_INBOX.{session.inbox_token}")
+        else:
+            session.send(wire.encode_err(ErrorCode.INVALID_ARGUMENT, call_id, f"unknown CALL op {op!r}", False))
+            return
+        session.send(wire.encode_json(FrameType.RESULT, result, wire.codec.U32.pack(call_id)))
+
+    def fail(self, code: int, message: str, *, peer_fault: bool = True) -> None:
+        """End this peer with a fatal error; a fault of its own is logged (rate-limited)."""
+        if self.state is State.CLOSED:
+            return
+        self.state = State.CLOSED
+        if peer_fault:
+            self.hub.peer_error("peer_error", self.session, code=ErrorCode(code).name, error=message)
+        self.session.fail(code, message)

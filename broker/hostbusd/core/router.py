@@ -1,0 +1,240 @@
+"""Router: topic -> subscribers. Pure and synchronous: it never awaits and never touches a transport.
+
+``publish`` matches the topic in the :class:`TopicIndex`, hands the message block to every
+matching plain subscription and to one member of every matching queue group, stores it when
+retained, and tells a requester at once when nobody was there to answer. Inbox topics
+(``_INBOX.<token>.…``) bypass the index and go only to the connection that owns ``<token>``.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from hostbus import topics, wire
+from hostbus.errors import (
+    ErrorCode,
+    HostbusError,
+    InvalidTopicError,
+    LimitExceededError,
+    PermissionDeniedError,
+)
+from hostbusd.core.identity import Identity
+from hostbusd.core.index import TopicIndex
+from hostbusd.core.outbound import OutboundQueue
+from hostbusd.core.retained import RetainedStore
+from hostbusd.core.session import Session, Subscription
+
+#: How many distinct valid topics the router remembers as already checked.
+_VALID_TOPIC_CACHE = 65536
+
+
+class QueueGroup:
+    """Subscribers sharing a group name on one pattern; each message goes to one of them.
+
+    Members are taken in turn, skipping those whose connection is paused (congested) when an
+    uncongested one exists, so a slow worker does not collect a share it cannot handle.
+    """
+
+    __slots__ = ("members", "name", "next", "pattern")
+
+    def __init__(self, name: str, pattern: str) -> None:
+        self.name = name
+        self.pattern = pattern
+        self.members: list[Subscription] = []
+        self.next = 0
+
+    def pick(self) -> Subscription:
+        members = self.members
+        n = len(members)
+        start = self.next
+        for k in range(n):
+            sub = members[(start + k) % n]
+            if not sub.session.paused:
+                self.next = (start + k + 1) % n
+                return sub
+        self.next = (start + 1) % n
+        return members[start % n]
+
+
+@dataclass(slots=True)
+class SubscribeOptions:
+    pattern: str
+    group: str | None = None
+    policy: str = "drop-oldest"
+    max_msgs: int = 65536
+    max_bytes: int = 16 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class RouterStats:
+    msgs_in: int = 0
+    bytes_in: int = 0
+    deliveries: int = 0
+    no_responders: int = 0
+    topics: dict[str, int] = field(default_factory=dict)
+    topics_other: int = 0
+
+
+class Router:
+    def __init__(
+        self,
+        *,
+        max_subscriptions: int,
+        retained_max_topics: int,
+        retained_max_bytes: int,
+        stats_max_topics: int,
+    ) -> None:
+        self.index: TopicIndex[Subscription | QueueGroup] = TopicIndex()
+        self.groups: dict[tuple[str, str], QueueGroup] = {}
+        self.retained = RetainedStore(retained_max_topics, retained_max_bytes)
+        self.inboxes: dict[str, Session] = {}
+        self.max_subscriptions = max_subscriptions
+        self.stats = RouterStats()
+        self.stats_max_topics = stats_max_topics
+        self._valid_topics: set[str] = set()
+
+    # ---- sessions -----------------------------------------------------------------------------
+
+    def attach(self, session: Session, inbox_queue: OutboundQueue) -> str:
+        """Register a new session and give it its reply inbox; returns the inbox prefix."""
+        token = secrets.token_hex(8)
+        session.inbox_token = token
+        session.inbox = Subscription(session, 0, f"{topics.INBOX_PREFIX}{token}.>", None, inbox_queue)
+        self.inboxes[token] = session
+        return f"{topics.INBOX_PREFIX}{token}"
+
+    def detach(self, session: Session) -> None:
+        """Forget a session and everything it subscribed."""
+        for sub in list(session.subs.values()):
+            self._remove(sub)
+        session.subs.clear()
+        self.inboxes.pop(session.inbox_token, None)
+
+    # ---- subscriptions ------------------------------------------------------------------------
+
+    def subscribe(self, session: Session, sid: int, opts: SubscribeOptions) -> Subscription:
+        """Add a subscription and deliver matching retained messages to it first."""
+        pattern = opts.pattern
+        problem = topics.pattern_problem(pattern)
+        if problem is not None:
+            raise InvalidTopicError(f"invalid pattern: {problem}", code=ErrorCode.INVALID_TOPIC)
+        if pattern.startswith(topics.INBOX_PREFIX) or pattern == "_INBOX":
+            raise PermissionDeniedError(
+                f"cannot subscribe to {pattern!r}: inbox topics are delivered only to the connection "
+                "that owns them (use request() for replies)",
+                code=ErrorCode.PERMISSION_DENIED,
+            )
+        if sid == 0 or sid in session.subs:
+            raise HostbusError(f"subscription id {sid} is {'reserved' if sid == 0 else 'already in use'}",
+                               code=ErrorCode.DUPLICATE_ID)
+        if len(session.subs) >= self.max_subscriptions:
+            raise LimitExceededError(
+                f"connection already has {len(session.subs)} subscriptions, the limit "
+                "(limits.max_subscriptions_per_connection)",
+                code=ErrorCode.LIMIT,
+            )
+        sub = Subscription(session, sid, pattern, opts.group,
+                           OutboundQueue(opts.policy, opts.max_msgs, opts.max_bytes))
+        session.subs[sid] = sub
+        if opts.group:
+            key = (opts.group, pattern)
+            group = self.groups.get(key)
+            if group is None:
+                group = self.groups[key] = QueueGroup(opts.group, pattern)
+                self.index.add(pattern, group)
+            group.members.append(sub)
+        else:
+            self.index.add(pattern, sub)
+            for ident, block in self.retained.matching(pattern):
+                session.deliver(sub, ident, block, wire.MSG_RETAINED)
+        return sub
+
+    def unsubscribe(self, session: Session, sid: int) -> bool:
+        sub = session.subs.pop(sid, None)
+        if sub is None:
+            return False
+        self._remove(sub)
+        return True
+
+    def _remove(self, sub: Subscription) -> None:
+        sub.session.drop_subscription(sub)
+        if sub.group:
+            key = (sub.group, sub.pattern)
+            group = self.groups.get(key)
+            if group is not None:
+                group.members.remove(sub)
+                if not group.members:
+                    del self.groups[key]
+                    self.index.remove(sub.pattern, group)
+                elif group.next >= len(group.members):
+                    group.next = 0
+        else:
+            self.index.remove(sub.pattern, sub)
+
+    # ---- publishing ---------------------------------------------------------------------------
+
+    def check_topic(self, topic: str) -> None:
+        """Raise if ``topic`` may not be published on by a client."""
+        if topic in self._valid_topics:
+            return
+        problem = topics.topic_problem(topic)
+        if problem is not None:
+            raise InvalidTopicError(f"invalid topic: {problem}", code=ErrorCode.INVALID_TOPIC)
+        if topic.startswith("$"):
+            raise InvalidTopicError(
+                f"invalid topic {topic!r}: topics starting with '$' are reserved for the broker",
+                code=ErrorCode.INVALID_TOPIC,
+            )
+        if len(self._valid_topics) >= _VALID_TOPIC_CACHE:
+            self._valid_topics.clear()
+        self._valid_topics.add(topic)
+
+    def publish(self, ident: Identity, topic: str, block: bytes, flags: int = 0,
+                reply: str = "", payload_len: int = 1, origin: Session | None = None) -> int:
+        """Route one message block; returns the number of subscriptions it was handed to.
+
+        ``topic`` must have passed :meth:`check_topic`. ``origin`` is the publishing session,
+        told at once (NORESP) when a request finds nobody.
+        """
+        stats = self.stats
+        stats.msgs_in += 1
+        stats.bytes_in += len(block)
+        counts = stats.topics
+        if topic.startswith(topics.INBOX_PREFIX):  # one per request: counted together
+            topic_key = "_INBOX"
+        else:
+            topic_key = topic
+        if topic_key in counts:
+            counts[topic_key] += 1
+        elif len(counts) < self.stats_max_topics:
+            counts[topic_key] = 1
+        else:
+            stats.topics_other += 1
+
+        n = 0
+        if topic.startswith(topics.INBOX_PREFIX):
+            owner = self.inboxes.get(topic[len(topics.INBOX_PREFIX):].split(".", 1)[0])
+            if owner is not None and owner.inbox is not None:
+                owner.deliver(owner.inbox, ident, block)
+                n = 1
+        else:
+            for entry in self.index.match(topic):
+                if type(entry) is Subscription:
+                    entry.session.deliver(entry, ident, block)
+                else:
+                    sub = entry.pick()  # type: ignore[union-attr]
+                    sub.session.deliver(sub, ident, block)
+                n += 1
+        stats.deliveries += n
+        if n == 0 and flags & wire.PUB_REQUEST and origin is not None:
+            stats.no_responders += 1
+            origin.send(wire.frame(wire.FrameType.NORESP, reply.encode()))
+        if flags & wire.PUB_RETAIN:
+            self.retained.put(topic, ident, block, payload_len)  # after delivery: may raise a limit
+        return n
+
+    def subscriptions(self) -> Iterator[Subscription]:
+        for session in self.inboxes.values():
+            yield from session.subs.values()

@@ -1,0 +1,225 @@
+"""Session: one connected peer as the core sees it -- identity, subscriptions and output.
+
+The router hands messages to :meth:`Session.deliver`; the session turns them into MSG frames in
+``out``, a list of byte strings that its transport writes in one call at the end of the loop
+iteration (or as soon as ``out`` holds ``batch_bytes``). While the transport has asked us to pause
+writing, messages wait in each subscription's bounded :class:`OutboundQueue` instead, and are
+moved to ``out`` round-robin across subscriptions when writing resumes. So a subscriber that stops
+reading costs at most its queue bounds plus one write batch, and never slows a publisher.
+
+The session never touches a transport: it calls its :class:`Egress` to say "there is output"
+and "close me".
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Protocol
+
+from hostbus import wire
+from hostbus.errors import ErrorCode
+from hostbusd.core.identity import Identity
+from hostbusd.core.outbound import OutboundQueue, Overflow
+
+#: Distinct senders a subscriber's connection remembers before the broker sends SENDER_RESET.
+MAX_KNOWN_SENDERS = 4096
+
+_msg_header = wire.msg_header
+
+
+class Egress(Protocol):
+    """What a session needs from its transport."""
+
+    def wake(self, urgent: bool) -> None:
+        """Output is waiting: write it at the end of this loop iteration, or now if ``urgent``."""
+
+    def close(self) -> None:
+        """Write what is in ``out`` (it ends with the reason) and close the connection."""
+
+
+class _NullEgress:
+    def wake(self, urgent: bool) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class Subscription:
+    """A pattern subscribed by one session under a subscription id (``sid``)."""
+
+    __slots__ = ("group", "in_backlog", "pattern", "queue", "session", "sid")
+
+    def __init__(
+        self, session: Session, sid: int, pattern: str, group: str | None, queue: OutboundQueue
+    ) -> None:
+        self.session = session
+        self.sid = sid
+        self.pattern = pattern
+        self.group = group
+        self.queue = queue
+        self.in_backlog = False
+
+    def __repr__(self) -> str:
+        return f"<Subscription {self.sid} {self.pattern!r} group={self.group!r} of {self.session.ident.ref}>"
+
+
+class Session:
+    __slots__ = (
+        "backlog",
+        "batch_bytes",
+        "bytes_in",
+        "bytes_out",
+        "closing",
+        "dropped",
+        "egress",
+        "flush_pending",
+        "ident",
+        "inbox",
+        "inbox_token",
+        "known",
+        "max_queued_bytes",
+        "msgs_in",
+        "msgs_out",
+        "name",
+        "out",
+        "out_bytes",
+        "paused",
+        "queued_bytes",
+        "subs",
+    )
+
+    def __init__(self, ident: Identity, *, batch_bytes: int, max_queued_bytes: int) -> None:
+        self.ident = ident
+        self.name = ""
+        self.egress: Egress = _NullEgress()
+        self.subs: dict[int, Subscription] = {}
+        self.inbox: Subscription | None = None
+        self.inbox_token = ""
+        self.out: list[bytes] = []
+        self.out_bytes = 0
+        self.flush_pending = False
+        self.paused = False
+        self.closing = False
+        self.backlog: deque[Subscription] = deque()
+        self.queued_bytes = 0
+        self.max_queued_bytes = max_queued_bytes
+        self.batch_bytes = batch_bytes
+        self.known: set[int] = set()
+        self.msgs_in = 0
+        self.bytes_in = 0
+        self.msgs_out = 0
+        self.bytes_out = 0
+        self.dropped = 0
+
+    # ---- output ------------------------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        """Queue a control frame (OK, ERR, PONG, RESULT, NORESP ...) for the next write."""
+        if self.closing:
+            return
+        self.out.append(data)
+        self.out_bytes += len(data)
+        self._poke()
+
+    def deliver(self, sub: Subscription, ident: Identity, block: bytes, flags: int = 0) -> None:
+        """Hand one message to this subscriber: written soon, or queued under its policy."""
+        if self.closing:
+            return
+        q = sub.queue
+        if not self.paused and not q.items:
+            self._write_msg(sub, ident, block, flags)
+            self._poke()
+            return
+        missed = q.missed
+        try:
+            self.queued_bytes += q.push((ident, block, flags), len(block), self.max_queued_bytes - self.queued_bytes)
+        except Overflow:
+            self.fail(
+                ErrorCode.SLOW_CONSUMER,
+                f"subscription {sub.sid} ({sub.pattern}) overflowed its queue of {q.max_msgs} messages / "
+                f"{q.max_bytes} bytes while the connection was not reading",
+            )
+            return
+        self.dropped += q.missed - missed
+        if not sub.in_backlog:
+            sub.in_backlog = True
+            self.backlog.append(sub)
+
+    def _write_msg(self, sub: Subscription, ident: Identity, block: bytes, flags: int) -> None:
+        out = self.out
+        if ident.ref not in self.known:
+            if len(self.known) >= MAX_KNOWN_SENDERS:
+                self.known.clear()
+                out.append(wire.frame(wire.FrameType.SENDER_RESET))
+            self.known.add(ident.ref)
+            out.append(ident.frame())
+        q = sub.queue
+        if q.missed:
+            out.append(wire.encode_gap(sub.sid, q.missed))
+            q.missed = 0
+        out.append(_msg_header(sub.sid, ident.ref, len(block), flags))
+        out.append(block)
+        self.out_bytes += len(block) + 20
+        self.msgs_out += 1
+
+    def _poke(self) -> None:
+        if self.out_bytes >= self.batch_bytes:
+            self.egress.wake(True)
+        elif not self.flush_pending:
+            self.flush_pending = True
+            self.egress.wake(False)
+
+    def take_output(self) -> list[bytes]:
+        """The frames to write now (and forget); refills from the backlog while not paused."""
+        if not self.paused and self.backlog and self.out_bytes < self.batch_bytes:
+            self._fill_from_backlog()
+        out = self.out
+        self.bytes_out += self.out_bytes
+        self.out = []
+        self.out_bytes = 0
+        return out
+
+    @property
+    def has_backlog(self) -> bool:
+        return bool(self.backlog)
+
+    def _fill_from_backlog(self) -> None:
+        """Move queued messages to ``out``, one per subscription in turn, up to a write batch."""
+        backlog = self.backlog
+        while backlog and self.out_bytes < self.batch_bytes:
+            sub = backlog[0]
+            q = sub.queue
+            if q.items:
+                ident, block, flags = q.pop()
+                self.queued_bytes -= len(block)
+                self._write_msg(sub, ident, block, flags)
+            elif q.missed:
+                self.out.append(wire.encode_gap(sub.sid, q.missed))
+                q.missed = 0
+            if q.items or q.missed:
+                backlog.rotate(-1)
+            else:
+                backlog.popleft()
+                sub.in_backlog = False
+
+    def drop_subscription(self, sub: Subscription) -> None:
+        """Forget a subscription's queued messages (it was unsubscribed or ended)."""
+        self.queued_bytes -= sub.queue.clear()
+        if sub.in_backlog:
+            self.backlog.remove(sub)
+            sub.in_backlog = False
+
+    # ---- ending --------------------------------------------------------------------------------
+
+    def fail(self, code: int, message: str) -> None:
+        """End this peer: a fatal ERR frame, then close. Later deliveries are ignored."""
+        if self.closing:
+            return
+        self.out.append(wire.encode_err(code, 0, message, fatal=True))
+        self.closing = True
+        self.egress.close()
+
+    @property
+    def pending_output(self) -> bool:
+        return bool(self.out) or bool(self.backlog)

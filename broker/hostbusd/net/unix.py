@@ -1,0 +1,142 @@
+"""The Unix-socket transport: an asyncio protocol around :class:`PeerCore`.
+
+Reading: every ``data_received`` hands the whole chunk to the core, which handles every complete
+frame in it before returning. Writing: the session collects frames; :meth:`UnixPeer.wake`
+schedules one write at the end of the loop iteration (``call_soon``), so all messages routed to
+a peer during one iteration leave in one ``write`` -- one syscall for many messages. The
+transport's ``pause_writing``/``resume_writing`` switch the session between writing and queueing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from typing import TYPE_CHECKING, cast
+
+from hostbus.errors import ErrorCode
+from hostbusd.core.peer import PeerCore, State
+
+if TYPE_CHECKING:
+    from hostbusd.core.hub import Hub
+
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end, as the kernel recorded it at connect."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    pid, uid, gid = _UCRED.unpack(raw)
+    return pid, uid, gid
+
+
+class UnixPeer(asyncio.Protocol):
+    def __init__(self, hub: Hub, peers: set[UnixPeer]) -> None:
+        self.hub = hub
+        self.peers = peers
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.core: PeerCore | None = None
+        self.since = self.loop.time()  # accepted at
+        self.partial_since: float | None = None
+        self._abort_handle: asyncio.TimerHandle | None = None
+        self.closed = asyncio.Event()
+
+    # ---- asyncio.Protocol ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        sock = transport.get_extra_info("socket")
+        pid, uid, gid = peer_credentials(sock)
+        hub = self.hub
+        self.core = core = PeerCore(hub, hub.identity(uid, gid, pid))
+        core.session.egress = self
+        self.peers.add(self)
+        if not hub.has_room():
+            hub.rejected_connections += 1
+            core.fail(ErrorCode.CONNECTION_LIMIT,
+                      f"the broker is at its limit of {hub.config.limits.max_connections} connections "
+                      "(limits.max_connections); try again later")
+
+    def data_received(self, data: bytes) -> None:
+        core = self.core
+        assert core is not None
+        core.receive(data)
+        if core.partial:
+            if self.partial_since is None:
+                self.partial_since = self.loop.time()
+        else:
+            self.partial_since = None
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def pause_writing(self) -> None:
+        if self.core is not None:
+            self.core.session.paused = True
+
+    def resume_writing(self) -> None:
+        if self.core is not None:
+            self.core.session.paused = False
+            self.flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._abort_handle is not None:
+            self._abort_handle.cancel()
+        if self.core is not None:
+            self.core.state = State.CLOSED
+            self.core.session.closing = True
+            self.hub.close(self.core.session)
+        self.peers.discard(self)
+        self.closed.set()
+
+    # ---- Egress (called by the session) ---------------------------------------------------------
+
+    def wake(self, urgent: bool) -> None:
+        if urgent:
+            self.flush()
+        else:
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        transport = self.transport
+        core = self.core
+        if transport is None or core is None or transport.is_closing():
+            return
+        session = core.session
+        session.flush_pending = False
+        while True:
+            out = session.take_output()
+            if out:
+                transport.write(b"".join(out) if len(out) > 1 else out[0])
+            if session.paused or not session.has_backlog or session.closing:
+                break
+
+    def close(self) -> None:
+        """The session failed or the broker is stopping: write what is left, then close."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        out = self.core.session.take_output() if self.core is not None else []
+        if out:
+            transport.write(b"".join(out))
+        transport.close()
+        # A peer that does not read would keep the close pending forever: abort after a grace period.
+        self._abort_handle = self.loop.call_later(self.hub.config.limits.close_timeout, transport.abort)
+
+    # ---- housekeeping -----------------------------------------------------------------------------
+
+    def check_timeouts(self, now: float) -> None:
+        core = self.core
+        if core is None or core.state is State.CLOSED:
+            return
+        limits = self.hub.config.limits
+        if core.state is State.HELLO and now - self.since > limits.handshake_timeout:
+            core.fail(ErrorCode.TIMEOUT, f"no HELLO within {limits.handshake_timeout} s (limits.handshake_timeout)")
+        elif self.partial_since is not None and now - self.partial_since > limits.frame_timeout:
+            core.fail(ErrorCode.TIMEOUT,
+                      f"a frame stayed incomplete for {limits.frame_timeout} s (limits.frame_timeout)")
+
+    @property
+    def write_buffer_size(self) -> int:
+        return self.transport.get_write_buffer_size() if self.transport is not None else 0

@@ -1,0 +1,59 @@
+"""hostbus: the thin client library for the hostbus broker (standard library only).
+
+    import hostbus
+    with hostbus.connect() as bus:
+        sub = bus.subscribe("sensors.>")
+        bus.publish("sensors.kitchen.temp", b"21.5")
+        msg = sub.next(timeout=1)
+
+The asyncio flavour is :mod:`hostbus.aio`, with the same names.
+"""
+
+from hostbus.client import Bus, Subscription, connect
+from hostbus.errors import (
+    BrokerError,
+    ClosedError,
+    ConnectionLostError,
+    ErrorCode,
+    HostbusError,
+    InvalidHeadersError,
+    InvalidTopicError,
+    LimitExceededError,
+    LocalProtocolError,
+    MessageTooLargeError,
+    NoRespondersError,
+    PermissionDeniedError,
+    ProtocolError,
+    RemoteProtocolError,
+    ShuttingDownError,
+    SlowConsumerError,
+    TimeoutError,
+)
+from hostbus.message import Message, Sender
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BrokerError",
+    "Bus",
+    "ClosedError",
+    "ConnectionLostError",
+    "ErrorCode",
+    "HostbusError",
+    "InvalidHeadersError",
+    "InvalidTopicError",
+    "LimitExceededError",
+    "LocalProtocolError",
+    "Message",
+    "MessageTooLargeError",
+    "NoRespondersError",
+    "PermissionDeniedError",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "Sender",
+    "ShuttingDownError",
+    "SlowConsumerError",
+    "Subscription",
+    "TimeoutError",
+    "connect",
+]

@@ -1,0 +1,285 @@
+"""ClientCore: the client's protocol state, sans-IO, shared by the sync and asyncio clients.
+
+It encodes what the client sends and dispatches what the broker sends: messages to subscription
+sinks, replies and errors to waiters. Waiters are future-like objects (``set_result``,
+``set_exception``, ``done``): ``concurrent.futures.Future`` in the sync client, ``asyncio.Future``
+in the asyncio one. The shells own the socket and the threads or tasks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from hostbus import topics, wire
+from hostbus.errors import (
+    ConnectionLostError,
+    ErrorCode,
+    HostbusError,
+    NoRespondersError,
+    RemoteProtocolError,
+    error_from_code,
+)
+from hostbus.message import Message, Sender
+from hostbus.wire import FrameType
+
+CLIENT_NAME = "hostbus-py/0.1"
+#: Largest frame this client accepts from a broker (a MSG is the publish frame plus 12 bytes).
+_MAX_INBOUND_FRAME = (1 << 30) + 1024
+#: Distinct topics whose validated UTF-8 form is kept (publishing to a topic again skips checks).
+_TOPIC_CACHE = 4096
+
+_U32 = wire.codec.U32
+_MSG_PREFIX = wire.frames.MSG_PREFIX
+
+
+class Waiter(Protocol):
+    def done(self) -> bool: ...
+    def set_result(self, result: Any, /) -> None: ...
+    def set_exception(self, exception: BaseException, /) -> None: ...
+
+
+class Sink(Protocol):
+    """Where a subscription's messages go."""
+
+    def push_many(self, msgs: list[Message]) -> None: ...
+    def gap(self, missed: int) -> None: ...
+    def end(self, exc: HostbusError) -> None: ...
+
+
+def _settle(waiter: Waiter, result: Any = None, exc: BaseException | None = None) -> None:
+    if waiter.done():
+        return
+    if exc is not None:
+        waiter.set_exception(exc)
+    else:
+        waiter.set_result(result)
+
+
+class ClientCore:
+    def __init__(self, name: str | None, respond: Callable[..., Any]) -> None:
+        self.name = name if name is not None else f"pid{os.getpid()}"
+        self.decoder = wire.Decoder(wire.SERVER_FRAMES, _MAX_INBOUND_FRAME)
+        self.respond = respond  # publish function handed to messages for msg.respond()
+        self.welcome: dict[str, Any] | None = None
+        self.welcome_waiter: Waiter | None = None
+        self.inbox = ""
+        self.max_frame = wire.HANDSHAKE_MAX_FRAME
+        self.senders: dict[int, Sender] = {}
+        self.sinks: dict[int, Sink] = {}
+        self.sub_waiters: dict[int, Waiter] = {}
+        self.pings: dict[int, Waiter] = {}
+        self.calls: dict[int, Waiter] = {}
+        self.requests: dict[str, Waiter] = {}
+        self.sids = itertools.count(1)
+        self.tokens = itertools.count(1)
+        self.req_ids = itertools.count(1)
+        self.lost: HostbusError | None = None  # set once the connection is gone
+        self.async_error: HostbusError | None = None  # a non-fatal error not tied to a call
+        self.on_error: Callable[[HostbusError], None] | None = None
+        self._topic_bytes: dict[str, bytes] = {}
+
+    # ---- encoding ------------------------------------------------------------------------------
+
+    def hello(self) -> bytes:
+        return wire.encode_hello(self.name, CLIENT_NAME, wire.PROTOCOL_VERSION)
+
+    def topic_bytes(self, topic: str) -> bytes:
+        b = self._topic_bytes.get(topic)
+        if b is None:
+            topics.check_topic(topic)
+            if len(self._topic_bytes) >= _TOPIC_CACHE:
+                self._topic_bytes.clear()
+            b = self._topic_bytes[topic] = topic.encode()
+        return b
+
+    def pub(self, topic: str, data: bytes | bytearray | memoryview | str,
+            headers: dict[str, str] | None = None, retain: bool = False, reply: str = "",
+            request: bool = False) -> bytes:
+        if isinstance(data, str):
+            data = data.encode()
+        elif not isinstance(data, bytes):
+            data = bytes(data)
+        flags = (wire.PUB_RETAIN if retain else 0) | (wire.PUB_REQUEST if request else 0)
+        return wire.encode_pub(self.topic_bytes(topic), data, wire.encode_headers(headers) if headers else b"",
+                               reply.encode() if reply else b"", flags, self.max_frame)
+
+    def sub(self, sid: int, pattern: str, group: str | None, policy: str | None,
+            max_msgs: int | None, max_bytes: int | None) -> bytes:
+        topics.check_pattern(pattern)
+        opts: dict[str, Any] = {"pattern": pattern}
+        if group:
+            opts["group"] = group
+        if policy:
+            if policy not in wire.POLICIES:
+                raise ValueError(f"policy must be one of {', '.join(wire.POLICIES)}, not {policy!r}")
+            opts["policy"] = policy
+        if max_msgs:
+            opts["max_msgs"] = max_msgs
+        if max_bytes:
+            opts["max_bytes"] = max_bytes
+        return wire.encode_sub(sid, opts)
+
+    def next_reply_subject(self) -> str:
+        return f"{self.inbox}.{next(self.req_ids)}"
+
+    def check(self) -> None:
+        """Raise the connection's loss, or a pending asynchronous error (once)."""
+        if self.lost is not None:
+            raise self.lost
+        if self.async_error is not None:
+            exc, self.async_error = self.async_error, None
+            raise exc
+
+    # ---- decoding --------------------------------------------------------------------------------
+
+    def receive(self, data: bytes) -> None:
+        """Dispatch every complete frame in ``data``. Raises RemoteProtocolError on garbage."""
+        self.decoder.feed(data)
+        batches: dict[int, list[Message]] = {}
+        try:
+            while True:
+                frames = self.decoder.frames()
+                if not frames:
+                    break
+                for ftype, flags, body in frames:
+                    if ftype == FrameType.MSG:
+                        self._msg(flags, body, batches)
+                    else:
+                        if batches:
+                            self._push(batches)
+                        self._control(ftype, flags, body)
+        finally:
+            if batches:
+                self._push(batches)
+
+    def _push(self, batches: dict[int, list[Message]]) -> None:
+        for sid, msgs in batches.items():
+            sink = self.sinks.get(sid)
+            if sink is not None:
+                sink.push_many(msgs)
+        batches.clear()
+
+    def _msg(self, flags: int, body: bytes, batches: dict[int, list[Message]]) -> None:
+        if len(body) < 12:
+            raise RemoteProtocolError("MSG frame too short")
+        sid, ref = _MSG_PREFIX.unpack_from(body, 0)
+        topic, reply, h0, h1 = wire.split_block(body, 12)
+        sender = self.senders.get(ref)
+        if sender is None:
+            raise RemoteProtocolError(f"MSG names sender {ref}, which was never announced")
+        headers = wire.decode_headers(body[h0:h1]) if h1 > h0 else {}
+        msg = Message(topic, body[h1:], headers, sender, reply or None, sid,
+                      bool(flags & wire.MSG_RETAINED), self.respond)
+        if sid == 0:
+            waiter = self.requests.pop(topic, None)
+            if waiter is not None:
+                _settle(waiter, msg)
+            return
+        batch = batches.get(sid)
+        if batch is None:
+            batches[sid] = [msg]
+        else:
+            batch.append(msg)
+
+    def _control(self, ftype: int, flags: int, body: bytes) -> None:
+        if ftype == FrameType.SENDER:
+            ref, uid, gid, pid, origin = wire.decode_sender(body)
+            self.senders[ref] = Sender(uid, gid, pid, origin)
+        elif ftype == FrameType.SENDER_RESET:
+            self.senders.clear()
+        elif ftype == FrameType.GAP:
+            sid, missed = wire.decode_gap(body)
+            sink = self.sinks.get(sid)
+            if sink is not None:
+                sink.gap(missed)
+        elif ftype == FrameType.PONG:
+            token, _ = wire.split_u32(body)
+            waiter = self.pings.pop(token, None)
+            if waiter is not None:
+                _settle(waiter, None)
+        elif ftype == FrameType.OK:
+            sid, _ = wire.split_u32(body)
+            waiter = self.sub_waiters.pop(sid, None)
+            if waiter is not None:
+                _settle(waiter, None)
+        elif ftype == FrameType.NORESP:
+            reply = body.decode(errors="replace")
+            waiter = self.requests.pop(reply, None)
+            if waiter is not None:
+                _settle(waiter, exc=NoRespondersError("no responders: nobody is subscribed to the request topic"))
+        elif ftype == FrameType.RESULT:
+            call_id, raw = wire.split_u32(body)
+            waiter = self.calls.pop(call_id, None)
+            if waiter is not None:
+                _settle(waiter, wire.decode_json_obj(raw))
+        elif ftype == FrameType.ERR:
+            self._error(flags, body)
+        elif ftype == FrameType.WELCOME:
+            self.welcome = welcome = wire.decode_json_obj(body)
+            self.inbox = str(welcome.get("inbox", ""))
+            self.max_frame = int(welcome.get("limits", {}).get("max_frame_bytes", self.max_frame))
+            if self.welcome_waiter is not None:
+                _settle(self.welcome_waiter, welcome)
+
+    def _error(self, flags: int, body: bytes) -> None:
+        code, ref, message = wire.decode_err(body)
+        exc = error_from_code(code, message)
+        if flags & wire.ERR_FATAL:
+            if code == ErrorCode.SHUTTING_DOWN or isinstance(exc, ConnectionLostError):
+                self.connection_lost(exc)
+            else:
+                lost = ConnectionLostError(f"the broker closed the connection: {message}", code=code)
+                lost.__cause__ = exc
+                self.connection_lost(lost)
+            return
+        if ref:
+            waiter = self.sub_waiters.pop(ref, None)
+            if waiter is not None:
+                self.sinks.pop(ref, None)
+                _settle(waiter, exc=exc)
+                return
+            sink = self.sinks.pop(ref, None)
+            if sink is not None:  # the broker ended a live subscription
+                sink.end(exc)
+                return
+            waiter = self.calls.pop(ref, None)
+            if waiter is not None:
+                _settle(waiter, exc=exc)
+                return
+        self.async_error = exc
+        if self.on_error is not None:
+            self.on_error(exc)
+
+    # ---- ending ----------------------------------------------------------------------------------
+
+    def connection_lost(self, exc: HostbusError) -> None:
+        """Fail every waiter and end every subscription with ``exc`` (first call wins)."""
+        if self.lost is not None:
+            return
+        self.lost = exc
+        waiters: list[Waiter] = [*self.sub_waiters.values(), *self.pings.values(), *self.calls.values(),
+                                 *self.requests.values()]
+        if self.welcome_waiter is not None:
+            waiters.append(self.welcome_waiter)
+        for w in waiters:
+            _settle(w, exc=exc)
+        self.sub_waiters.clear()
+        self.pings.clear()
+        self.calls.clear()
+        self.requests.clear()
+        sinks = list(self.sinks.values())
+        self.sinks.clear()
+        for sink in sinks:
+            sink.end(exc)
+
+
+def as_hostbus_error(exc: BaseException) -> HostbusError:
+    if isinstance(exc, HostbusError):
+        return exc
+    return ConnectionLostError(f"connection to the broker lost: {exc}")
+
+
+__all__ = ["ClientCore", "HostbusError", "Sink", "Waiter", "as_hostbus_error"]

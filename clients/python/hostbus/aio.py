@@ -1,0 +1,294 @@
+"""The asyncio client: ``bus = await hostbus.aio.connect()``, the same names as the sync client.
+
+Works on plain asyncio and on uvloop. ``publish`` appends to an output list and the frames are
+written once at the end of the loop iteration, so a burst of publishes is one write. While the
+transport asks to pause, ``publish`` waits (backpressure reaches the caller instead of memory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any, cast
+
+from hostbus import paths, wire
+from hostbus._core import ClientCore, as_hostbus_error
+from hostbus.client import DEFAULT_CONTROL_TIMEOUT, DEFAULT_PENDING_LIMIT
+from hostbus.errors import ClosedError, ConnectionLostError, HostbusError, TimeoutError
+from hostbus.message import Message
+
+__all__ = ["Bus", "Subscription", "connect"]
+
+
+async def _wait(fut: asyncio.Future[Any], timeout: float | None, what: str) -> Any:
+    try:
+        return await asyncio.wait_for(fut, timeout)
+    except asyncio.TimeoutError:
+        raise TimeoutError(f"{what}: no answer within {timeout} s") from None
+
+
+class Subscription:
+    """Messages matching ``pattern``: ``async for msg in sub`` or ``await sub.next()``."""
+
+    def __init__(self, bus: Bus, sid: int, pattern: str, group: str | None, pending_limit: int) -> None:
+        self.bus = bus
+        self.sid = sid
+        self.pattern = pattern
+        self.group = group
+        self.pending_limit = pending_limit
+        self.missed = 0
+        self._items: deque[Message] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._ended: HostbusError | None = None
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def push_many(self, msgs: list[Message]) -> None:
+        room = self.pending_limit - len(self._items)
+        if room < len(msgs):
+            self.missed += len(msgs) - max(room, 0)
+            msgs = msgs[: max(room, 0)]
+        self._items.extend(msgs)
+        self._wake()
+
+    def gap(self, missed: int) -> None:
+        self.missed += missed
+
+    def end(self, exc: HostbusError) -> None:
+        self._ended = exc
+        self._wake()
+
+    async def next(self, timeout: float | None = None) -> Message:
+        items = self._items
+        while not items:
+            if self._ended is not None:
+                raise self._ended
+            self._waiter = self.bus._loop.create_future()
+            try:
+                await asyncio.wait_for(self._waiter, timeout)
+            except asyncio.TimeoutError:
+                raise TimeoutError(f"no message on {self.pattern!r} within {timeout} s") from None
+            finally:
+                self._waiter = None
+        return items.popleft()
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Message:
+        try:
+            return await self.next()
+        except ClosedError:
+            raise StopAsyncIteration from None
+
+    @property
+    def pending(self) -> int:
+        return len(self._items)
+
+    async def unsubscribe(self) -> None:
+        if self._ended is None:
+            self.bus._unsubscribe(self)
+            self.end(ClosedError(f"subscription to {self.pattern!r} was unsubscribed"))
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.bus._core.receive(data)
+        except HostbusError as exc:
+            self.bus._core.connection_lost(exc)
+            if self.bus._transport is not None:
+                self.bus._transport.abort()
+
+    def pause_writing(self) -> None:
+        self.bus._paused = True
+
+    def resume_writing(self) -> None:
+        self.bus._paused = False
+        for w in self.bus._drain_waiters:
+            if not w.done():
+                w.set_result(None)
+        self.bus._drain_waiters.clear()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        bus = self.bus
+        lost = ClosedError("the connection was closed") if bus._closing else (
+            as_hostbus_error(exc) if exc else ConnectionLostError("the broker closed the connection"))
+        bus._core.connection_lost(lost)
+        for w in bus._drain_waiters:
+            if not w.done():
+                w.set_exception(lost)
+        bus._drain_waiters.clear()
+        bus._closed.set()
+
+
+class Bus:
+    """An asyncio connection to hostbusd. Use ``async with`` or ``await bus.close()``."""
+
+    def __init__(self, name: str | None, error_cb: Callable[[HostbusError], None] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._core = ClientCore(name, self._respond)
+        self._core.on_error = error_cb
+        self._transport: asyncio.Transport | None = None
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self._paused = False
+        self._closing = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._closed = asyncio.Event()
+        self.welcome: dict[str, Any] = {}
+
+    async def _start(self, path: Path, timeout: float) -> None:
+        loop = self._loop
+        try:
+            transport, _ = await asyncio.wait_for(
+                loop.create_unix_connection(lambda: _Protocol(self), str(path)), timeout)
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise ConnectionLostError(f"cannot connect to hostbusd at {path}: {exc}",
+                                      hint="is hostbusd running? set HOSTBUS_SOCKET or pass socket=") from None
+        self._transport = cast(asyncio.Transport, transport)
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._core.welcome_waiter = fut
+        self._send(self._core.hello())
+        try:
+            self.welcome = await _wait(fut, timeout, "handshake")
+        except BaseException:
+            await self.close()
+            raise
+
+    @property
+    def client_id(self) -> int:
+        return int(self.welcome["client_id"])
+
+    @property
+    def identity(self) -> dict[str, int]:
+        return dict(self.welcome["identity"])
+
+    # ---- output --------------------------------------------------------------------------------
+
+    def _send(self, frame: bytes) -> None:
+        if self._transport is None or self._closing:
+            raise self._core.lost or ClosedError("the connection is closed")
+        self._out.append(frame)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._write)
+
+    def _write(self) -> None:
+        self._flush_scheduled = False
+        out, self._out = self._out, []
+        if out and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(b"".join(out))
+
+    async def publish(self, topic: str, data: bytes | str = b"", headers: dict[str, str] | None = None,
+                      retain: bool = False, reply_to: str | None = None) -> None:
+        """Queue one message; waits only while the connection is congested."""
+        self._core.check()
+        self._send(self._core.pub(topic, data, headers, retain, reply_to or ""))
+        if self._paused:
+            w: asyncio.Future[None] = self._loop.create_future()
+            self._drain_waiters.append(w)
+            await w
+
+    async def _respond(self, reply_to: str, data: bytes | str, headers: dict[str, str] | None) -> None:
+        await self.publish(reply_to, data, headers)
+
+    async def flush(self, timeout: float | None = DEFAULT_CONTROL_TIMEOUT) -> None:
+        self._core.check()
+        token = next(self._core.tokens)
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        self._core.pings[token] = fut
+        self._send(wire.encode_u32(wire.FrameType.PING, token))
+        await _wait(fut, timeout, "flush")
+        self._core.check()
+
+    async def request(self, topic: str, data: bytes | str = b"", timeout: float = 5.0,
+                      headers: dict[str, str] | None = None) -> Message:
+        self._core.check()
+        reply = self._core.next_reply_subject()
+        frame = self._core.pub(topic, data, headers, reply=reply, request=True)
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        self._core.requests[reply] = fut
+        try:
+            self._send(frame)
+            return await _wait(fut, timeout, f"request on {topic!r}")  # type: ignore[no-any-return]
+        finally:
+            self._core.requests.pop(reply, None)
+
+    async def subscribe(self, pattern: str, group: str | None = None, *, policy: str | None = None,
+                        max_msgs: int | None = None, max_bytes: int | None = None,
+                        pending_limit: int = DEFAULT_PENDING_LIMIT) -> Subscription:
+        self._core.check()
+        sid = next(self._core.sids)
+        frame = self._core.sub(sid, pattern, group, policy, max_msgs, max_bytes)
+        sub = Subscription(self, sid, pattern, group, pending_limit)
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        self._core.sinks[sid] = sub
+        self._core.sub_waiters[sid] = fut
+        try:
+            self._send(frame)
+            await _wait(fut, DEFAULT_CONTROL_TIMEOUT, f"subscribe to {pattern!r}")
+        except BaseException:
+            self._core.sinks.pop(sid, None)
+            self._core.sub_waiters.pop(sid, None)
+            raise
+        return sub
+
+    def _unsubscribe(self, sub: Subscription) -> None:
+        if self._core.sinks.pop(sub.sid, None) is not None and self._core.lost is None:
+            self._send(wire.encode_u32(wire.FrameType.UNSUB, sub.sid))
+
+    async def call(self, op: str, timeout: float | None = DEFAULT_CONTROL_TIMEOUT, **args: Any) -> dict[str, Any]:
+        self._core.check()
+        call_id = next(self._core.tokens)
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        self._core.calls[call_id] = fut
+        self._send(wire.encode_call(call_id, op, args))
+        return await _wait(fut, timeout, f"call {op!r}")  # type: ignore[no-any-return]
+
+    async def stats(self) -> dict[str, Any]:
+        return await self.call("stats")
+
+    async def close(self) -> None:
+        """Write what is buffered, then close. Subscriptions end with ClosedError."""
+        if self._transport is None:
+            return
+        if not self._closing:
+            self._write()
+            self._closing = True
+            self._transport.close()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._closed.wait(), 5.0)
+        self._core.connection_lost(ClosedError("the connection was closed"))
+
+    @property
+    def closed(self) -> bool:
+        return self._core.lost is not None
+
+    async def __aenter__(self) -> Bus:
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+
+async def connect(socket: str | os.PathLike[str] | None = None, name: str | None = None, *,
+                  timeout: float = DEFAULT_CONTROL_TIMEOUT,
+                  error_cb: Callable[[HostbusError], None] | None = None) -> Bus:
+    """Connect to hostbusd at ``socket`` (default: ``$HOSTBUS_SOCKET``, else the default path)."""
+    path = Path(socket) if socket is not None else paths.default_socket()
+    bus = Bus(name, error_cb)
+    await bus._start(path, timeout)
+    return bus

@@ -1,0 +1,227 @@
+"""The ``hostbus`` command: publish, subscribe, request and read statistics from the shell."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from typing import Any
+
+from hostbus import aio, paths
+from hostbus.client import connect
+from hostbus.errors import HostbusError, NoRespondersError
+from hostbus.errors import TimeoutError as HostbusTimeout
+from hostbus.message import Message
+
+EXIT_ERROR = 1
+
+
+def _headers(pairs: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"hostbus: -H takes KEY=VALUE, not {pair!r}")
+        out[key] = value
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hostbus",
+        description="Talk to the hostbus broker: publish, subscribe, request, statistics.",
+        epilog="The socket is --socket, else $HOSTBUS_SOCKET, else this user's instance "
+        f"($XDG_RUNTIME_DIR/hostbus/{paths.SOCKET_NAME}) if it exists, else the system instance "
+        f"({paths.SYSTEM_RUNTIME_DIR / paths.SOCKET_NAME}). Exit status: 0 success, 1 error, 2 usage.",
+    )
+    p.add_argument("--socket", metavar="PATH", help="the broker's socket")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    pub = sub.add_parser("pub", help="publish a message", description="Publish DATA (or stdin) on TOPIC.")
+    pub.add_argument("topic")
+    pub.add_argument("data", nargs="?", help="the payload; without it, all of stdin is one message")
+    pub.add_argument("--lines", action="store_true", help="publish each line of stdin as a message")
+    pub.add_argument("-H", "--header", action="append", default=[], metavar="K=V", help="a header (repeatable)")
+    pub.add_argument("--retain", action="store_true", help="keep as the topic's retained message")
+
+    s = sub.add_parser("sub", help="print messages", description="Print messages matching PATTERN...: "
+                       "one line per message, 'TOPIC DATA' (or JSON with --json).")
+    s.add_argument("patterns", nargs="+", metavar="PATTERN", help="topic pattern; '*' one token, '>' the rest")
+    s.add_argument("--group", metavar="G", help="join queue group G (each message to one member)")
+    s.add_argument("--count", type=int, metavar="N", help="exit after N messages")
+    s.add_argument("--timeout", type=float, metavar="S",
+                   help="exit after S seconds (status 1 if --count messages did not all arrive)")
+    s.add_argument("--json", action="store_true",
+                   help="one JSON object per line: topic, data (text), headers, sender {uid, gid, pid}")
+
+    r = sub.add_parser("req", help="send a request, print the reply", description="Send DATA to TOPIC as a "
+                       "request and print the reply's data.")
+    r.add_argument("topic")
+    r.add_argument("data", nargs="?", default="", help="the payload (default: empty)")
+    r.add_argument("--timeout", type=float, default=5.0, metavar="S", help="seconds to wait (default 5)")
+    r.add_argument("-H", "--header", action="append", default=[], metavar="K=V", help="a header (repeatable)")
+
+    st = sub.add_parser("stats", help="print broker statistics",
+                        description="Connections, subscriptions, messages in/out/dropped, per-topic counts.")
+    st.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    return p
+
+
+def cmd_pub(args: argparse.Namespace) -> int:
+    headers = _headers(args.header) or None
+    with connect(args.socket, name="hostbus-cli") as bus:
+        if args.lines:
+            for line in sys.stdin.buffer:
+                bus.publish(args.topic, line.rstrip(b"\n"), headers, args.retain)
+        else:
+            data = args.data.encode() if args.data is not None else sys.stdin.buffer.read()
+            bus.publish(args.topic, data, headers, args.retain)
+        bus.flush()
+    return 0
+
+
+def _format(msg: Message, as_json: bool) -> str:
+    if not as_json:
+        return f"{msg.topic} {msg.data.decode(errors='replace')}"
+    obj: dict[str, Any] = {
+        "topic": msg.topic,
+        "data": msg.data.decode(errors="replace"),
+        "headers": msg.headers,
+        "sender": {"uid": msg.sender.uid, "gid": msg.sender.gid, "pid": msg.sender.pid},
+    }
+    if msg.sender.origin:
+        obj["sender"]["origin"] = msg.sender.origin
+    if msg.reply_to:
+        obj["reply_to"] = msg.reply_to
+    if msg.retained:
+        obj["retained"] = True
+    return json.dumps(obj, ensure_ascii=False)
+
+
+async def _sub(args: argparse.Namespace) -> int:
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, done.set)
+    queue: asyncio.Queue[Message | HostbusError] = asyncio.Queue(maxsize=4096)
+    bus = await aio.connect(args.socket, name="hostbus-cli")
+    try:
+        subs = [await bus.subscribe(p, args.group) for p in args.patterns]
+
+        async def pump(sub: aio.Subscription) -> None:
+            try:
+                async for msg in sub:
+                    await queue.put(msg)
+            except HostbusError as exc:
+                await queue.put(exc)
+
+        count = 0
+        out = sys.stdout
+        deadline = loop.time() + args.timeout if args.timeout is not None else None
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(pump(s)) for s in subs]
+            stopper = tg.create_task(done.wait())
+            try:
+                while args.count is None or count < args.count:
+                    remaining = None if deadline is None else deadline - loop.time()
+                    if remaining is not None and remaining <= 0:
+                        break
+                    getter = asyncio.ensure_future(queue.get())
+                    finished, _ = await asyncio.wait({getter, stopper}, timeout=remaining,
+                                                     return_when=asyncio.FIRST_COMPLETED)
+                    if getter not in finished:
+                        getter.cancel()
+                        break
+                    item = getter.result()
+                    if isinstance(item, HostbusError):
+                        raise item
+                    out.write(_format(item, args.json) + "\n")
+                    count += 1
+                    if queue.empty():
+                        out.flush()
+            finally:
+                out.flush()
+                for t in [*tasks, stopper]:
+                    t.cancel()
+        missed = sum(s.missed for s in subs)
+        if missed:
+            print(f"hostbus: {missed} messages were dropped before they reached this subscriber",
+                  file=sys.stderr)
+        if args.count is not None and count < args.count and not done.is_set():
+            print(f"hostbus: timed out after {args.timeout} s with {count} of {args.count} messages",
+                  file=sys.stderr)
+            return EXIT_ERROR
+        return 0
+    finally:
+        await bus.close()
+
+
+def cmd_req(args: argparse.Namespace) -> int:
+    with connect(args.socket, name="hostbus-cli") as bus:
+        try:
+            reply = bus.request(args.topic, args.data, timeout=args.timeout, headers=_headers(args.header) or None)
+        except NoRespondersError:
+            print(f"hostbus: no responders on {args.topic!r}", file=sys.stderr)
+            return EXIT_ERROR
+        except HostbusTimeout:
+            print(f"hostbus: no reply on {args.topic!r} within {args.timeout} s", file=sys.stderr)
+            return EXIT_ERROR
+    sys.stdout.buffer.write(reply.data + (b"" if reply.data.endswith(b"\n") else b"\n"))
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    with connect(args.socket, name="hostbus-cli") as bus:
+        st = bus.stats()
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    m = st["messages"]
+    rows = [
+        ("server", st["server"]),
+        ("uptime", f"{st['uptime_s']:.1f} s"),
+        ("connections", f"{st['connections']} (total {st['connections_total']}, "
+                        f"rejected {st['connections_rejected']})"),
+        ("subscriptions", f"{st['subscriptions']} (queue groups {st['queue_groups']})"),
+        ("retained", f"{st['retained']['topics']} topics, {st['retained']['bytes']} bytes"),
+        ("messages in", f"{m['in']} ({m['bytes_in']} bytes)"),
+        ("messages out", f"{m['out']} ({m['bytes_out']} bytes)"),
+        ("dropped", str(m["dropped"])),
+        ("no responders", str(m["no_responders"])),
+        ("queued bytes", str(st["queued_bytes"])),
+        ("peer errors", str(st["peer_errors"])),
+    ]
+    for key, value in rows:
+        print(f"{key:<15}{value}")
+    if st["topics"]:
+        print("topics:")
+        width = max(len(t) for t in st["topics"])
+        for topic, n in st["topics"].items():
+            print(f"  {topic:<{width}}  {n}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "pub":
+            return cmd_pub(args)
+        if args.command == "sub":
+            return asyncio.run(_sub(args))
+        if args.command == "req":
+            return cmd_req(args)
+        return cmd_stats(args)
+    except HostbusError as exc:
+        print(f"hostbus: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except BrokenPipeError:
+        sys.stderr.close()  # the reader went away (| head): not an error
+        return 0
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

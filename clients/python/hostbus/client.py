@@ -1,0 +1,345 @@
+"""The synchronous client: ``bus = hostbus.connect()``.
+
+Two threads per connection, both owned by the :class:`Bus`: a reader that decodes what the
+broker sends and hands it to subscriptions and waiters, and a writer that sends what the caller
+published. ``publish`` only appends to a buffer; the writer takes the whole buffer in one
+``sendall`` as soon as it is free, so a loop of publishes becomes a few large writes (batches
+form by themselves while the previous one is on its way). The buffer is bounded
+(``max_buffer``): a publisher faster than the socket blocks there instead of growing memory.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import os
+import socket as _socket
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from hostbus import paths
+from hostbus._core import ClientCore, as_hostbus_error
+from hostbus.errors import ClosedError, ConnectionLostError, HostbusError, TimeoutError
+from hostbus.message import Message
+
+#: Bytes of published frames buffered before publish() blocks.
+DEFAULT_MAX_BUFFER = 4 * 1024 * 1024
+#: Messages a subscription holds for a caller that does not take them; past it they are dropped
+#: and counted in ``Subscription.missed`` (the reader never blocks, so replies keep flowing).
+DEFAULT_PENDING_LIMIT = 65536
+#: Seconds to wait for the broker to answer HELLO, SUB, PING or CALL.
+DEFAULT_CONTROL_TIMEOUT = 10.0
+_RECV_SIZE = 256 * 1024
+
+
+def _wait(fut: concurrent.futures.Future[Any], timeout: float | None, what: str) -> Any:
+    try:
+        return fut.result(timeout)
+    except concurrent.futures.TimeoutError:
+        raise TimeoutError(f"{what}: no answer within {timeout} s") from None
+
+
+class Subscription:
+    """Messages matching ``pattern``. Iterate over it, or call :meth:`next`."""
+
+    def __init__(self, bus: Bus, sid: int, pattern: str, group: str | None, pending_limit: int) -> None:
+        self.bus = bus
+        self.sid = sid
+        self.pattern = pattern
+        self.group = group
+        self.pending_limit = pending_limit
+        self.missed = 0  # messages lost: dropped by the broker (GAP) or here past pending_limit
+        self._items: deque[Message] = deque()
+        self._cond = threading.Condition()
+        self._waiting = False
+        self._ended: HostbusError | None = None
+
+    # Sink (called by the reader thread)
+    def push_many(self, msgs: list[Message]) -> None:
+        with self._cond:
+            room = self.pending_limit - len(self._items)
+            if room < len(msgs):
+                self.missed += len(msgs) - max(room, 0)
+                msgs = msgs[: max(room, 0)]
+            self._items.extend(msgs)
+            if self._waiting:
+                self._cond.notify()
+
+    def gap(self, missed: int) -> None:
+        with self._cond:
+            self.missed += missed
+
+    def end(self, exc: HostbusError) -> None:
+        with self._cond:
+            self._ended = exc
+            self._cond.notify_all()
+
+    # API
+    def next(self, timeout: float | None = None) -> Message:
+        """The next message; raises TimeoutError if none came within ``timeout`` seconds.
+
+        After :meth:`unsubscribe` or :meth:`Bus.close`, queued messages are still returned, then
+        ClosedError (or ConnectionLostError if the connection broke) is raised.
+        """
+        items = self._items
+        if items:
+            return items.popleft()
+        with self._cond:
+            while not items:
+                if self._ended is not None:
+                    raise self._ended
+                self._waiting = True
+                try:
+                    if not self._cond.wait(timeout):
+                        raise TimeoutError(f"no message on {self.pattern!r} within {timeout} s")
+                finally:
+                    self._waiting = False
+            return items.popleft()
+
+    def __iter__(self) -> Iterator[Message]:
+        while True:
+            try:
+                yield self.next()
+            except ClosedError:
+                return
+
+    @property
+    def pending(self) -> int:
+        return len(self._items)
+
+    def unsubscribe(self) -> None:
+        """Stop receiving; messages already here can still be taken."""
+        if self._ended is None:
+            self.bus._unsubscribe(self)
+            self.end(ClosedError(f"subscription to {self.pattern!r} was unsubscribed"))
+
+
+class Bus:
+    """A connection to hostbusd. Thread-safe; use as a context manager or call :meth:`close`."""
+
+    def __init__(self, sock: _socket.socket, name: str | None, max_buffer: int = DEFAULT_MAX_BUFFER,
+                 error_cb: Callable[[HostbusError], None] | None = None) -> None:
+        self._sock = sock
+        self._core = ClientCore(name, self._respond)
+        self._core.on_error = error_cb
+        self._lock = threading.RLock()  # guards core registration tables and sids
+        self._wcond = threading.Condition()
+        self._wbuf = bytearray()
+        self._max_buffer = max_buffer
+        self._closing = False
+        welcome: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._core.welcome_waiter = welcome
+        self._reader = threading.Thread(target=self._read_loop, name="hostbus-reader", daemon=True)
+        self._writer = threading.Thread(target=self._write_loop, name="hostbus-writer", daemon=True)
+        self._reader.start()
+        self._writer.start()
+        self._send(self._core.hello())
+        try:
+            self.welcome: dict[str, Any] = _wait(welcome, DEFAULT_CONTROL_TIMEOUT, "handshake")
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- identity -------------------------------------------------------------------------------
+
+    @property
+    def client_id(self) -> int:
+        return int(self.welcome["client_id"])
+
+    @property
+    def identity(self) -> dict[str, int]:
+        """The uid, gid and pid the broker saw for this connection."""
+        return dict(self.welcome["identity"])
+
+    # ---- publishing -----------------------------------------------------------------------------
+
+    def publish(self, topic: str, data: bytes | str = b"", headers: dict[str, str] | None = None,
+                retain: bool = False, reply_to: str | None = None) -> None:
+        """Queue one message for sending (returns before it is sent: see :meth:`flush`)."""
+        self._core.check()
+        self._send(self._core.pub(topic, data, headers, retain, reply_to or ""))
+
+    def _respond(self, reply_to: str, data: bytes | str, headers: dict[str, str] | None) -> None:
+        self.publish(reply_to, data, headers)
+
+    def flush(self, timeout: float | None = DEFAULT_CONTROL_TIMEOUT) -> None:
+        """Return once everything published so far has reached the broker and been routed."""
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        with self._lock:
+            self._core.check()
+            token = next(self._core.tokens)
+            self._core.pings[token] = fut
+        self._send(self._u32_frame("PING", token))
+        _wait(fut, timeout, "flush")
+        self._core.check()
+
+    def request(self, topic: str, data: bytes | str = b"", timeout: float = 5.0,
+                headers: dict[str, str] | None = None) -> Message:
+        """Send a request and return the first reply; NoRespondersError at once if nobody listens."""
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        with self._lock:
+            self._core.check()
+            reply = self._core.next_reply_subject()
+            frame = self._core.pub(topic, data, headers, reply=reply, request=True)
+            self._core.requests[reply] = fut
+        self._send(frame)
+        try:
+            return _wait(fut, timeout, f"request on {topic!r}")  # type: ignore[no-any-return]
+        finally:
+            self._core.requests.pop(reply, None)
+
+    # ---- subscribing ----------------------------------------------------------------------------
+
+    def subscribe(self, pattern: str, group: str | None = None, *, policy: str | None = None,
+                  max_msgs: int | None = None, max_bytes: int | None = None,
+                  pending_limit: int = DEFAULT_PENDING_LIMIT) -> Subscription:
+        """Subscribe; returns once the broker confirmed (errors are raised here, at once).
+
+        ``group``: share the messages with the other subscribers of this group and pattern.
+        ``policy``/``max_msgs``/``max_bytes``: the broker-side queue of this subscription
+        while this client is not reading (defaults from the broker's configuration).
+        """
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        with self._lock:
+            self._core.check()
+            sid = next(self._core.sids)
+            frame = self._core.sub(sid, pattern, group, policy, max_msgs, max_bytes)
+            sub = Subscription(self, sid, pattern, group, pending_limit)
+            self._core.sinks[sid] = sub
+            self._core.sub_waiters[sid] = fut
+        self._send(frame)
+        try:
+            _wait(fut, DEFAULT_CONTROL_TIMEOUT, f"subscribe to {pattern!r}")
+        except BaseException:
+            self._core.sinks.pop(sid, None)
+            raise
+        return sub
+
+    def _unsubscribe(self, sub: Subscription) -> None:
+        with self._lock:
+            if self._core.sinks.pop(sub.sid, None) is None or self._core.lost is not None:
+                return
+        self._send(self._u32_frame("UNSUB", sub.sid))
+
+    # ---- calls ------------------------------------------------------------------------------------
+
+    def call(self, op: str, timeout: float | None = DEFAULT_CONTROL_TIMEOUT, **args: Any) -> dict[str, Any]:
+        """A control call to the broker (``stats``, ...); returns its JSON result."""
+        from hostbus import wire  # noqa: PLC0415 - keep the module's import list short
+
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        with self._lock:
+            self._core.check()
+            call_id = next(self._core.tokens)
+            self._core.calls[call_id] = fut
+        self._send(wire.encode_call(call_id, op, args))
+        return _wait(fut, timeout, f"call {op!r}")  # type: ignore[no-any-return]
+
+    def stats(self) -> dict[str, Any]:
+        return self.call("stats")
+
+    # ---- I/O --------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _u32_frame(kind: str, value: int) -> bytes:
+        from hostbus import wire  # noqa: PLC0415
+
+        return wire.encode_u32(wire.FrameType[kind], value)
+
+    def _send(self, frame: bytes) -> None:
+        with self._wcond:
+            if self._closing:
+                raise self._core.lost or ClosedError("the connection is closed")
+            while len(self._wbuf) >= self._max_buffer:
+                self._wcond.wait()
+                if self._closing:
+                    raise self._core.lost or ClosedError("the connection is closed")
+            was_empty = not self._wbuf
+            self._wbuf += frame
+            if was_empty:
+                self._wcond.notify_all()
+
+    def _write_loop(self) -> None:
+        sock = self._sock
+        while True:
+            with self._wcond:
+                while not self._wbuf and not self._closing:
+                    self._wcond.wait()
+                if not self._wbuf:
+                    return  # closing with nothing left to send
+                data, self._wbuf = self._wbuf, bytearray()
+                self._wcond.notify_all()  # room for blocked publishers
+            try:
+                sock.sendall(data)
+            except OSError as exc:
+                self._lost(ConnectionLostError(f"cannot write to the broker: {exc}"))
+                return
+
+    def _read_loop(self) -> None:
+        sock = self._sock
+        core = self._core
+        try:
+            while True:
+                data = sock.recv(_RECV_SIZE)
+                if not data:
+                    raise ConnectionLostError("the broker closed the connection")
+                core.receive(data)
+                if core.lost is not None:
+                    return
+        except BaseException as exc:  # noqa: BLE001 - the reader must report every way it ends
+            self._lost(ClosedError("the connection was closed") if self._closing else as_hostbus_error(exc))
+        finally:
+            with self._wcond:
+                self._closing = True
+                self._wcond.notify_all()
+
+    def _lost(self, exc: HostbusError) -> None:
+        with self._lock:
+            self._core.connection_lost(exc)
+
+    # ---- closing ----------------------------------------------------------------------------------
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Send what is buffered, then close. Subscriptions end with ClosedError."""
+        with self._wcond:
+            self._closing = True
+            self._wcond.notify_all()
+        if threading.current_thread() is not self._writer:
+            self._writer.join(timeout)
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(_socket.SHUT_RDWR)
+        if threading.current_thread() is not self._reader:
+            self._reader.join(timeout)
+        self._sock.close()
+        self._lost(ClosedError("the connection was closed"))  # no-op if it was lost before
+
+    @property
+    def closed(self) -> bool:
+        return self._core.lost is not None
+
+    def __enter__(self) -> Bus:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+def connect(socket: str | os.PathLike[str] | None = None, name: str | None = None, *,
+            max_buffer: int = DEFAULT_MAX_BUFFER, timeout: float = DEFAULT_CONTROL_TIMEOUT,
+            error_cb: Callable[[HostbusError], None] | None = None) -> Bus:
+    """Connect to hostbusd at ``socket`` (default: ``$HOSTBUS_SOCKET``, else the default path)."""
+    path = Path(socket) if socket is not None else paths.default_socket()
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(str(path))
+    except OSError as exc:
+        sock.close()
+        raise ConnectionLostError(f"cannot connect to hostbusd at {path}: {exc.strerror or exc}",
+                                  hint="is hostbusd running? set HOSTBUS_SOCKET or pass socket=") from None
+    sock.settimeout(None)
+    return Bus(sock, name, max_buffer, error_cb)

@@ -1,0 +1,55 @@
+"""Where hostbus lives on this host: default runtime and state directories and the socket path.
+
+The daemon and the client share these rules, so a client started with no arguments finds the
+daemon started with no arguments.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+SOCKET_NAME = "hostbus.sock"
+SYSTEM_RUNTIME_DIR = Path("/run/hostbus")
+SYSTEM_STATE_DIR = Path("/var/lib/hostbus")
+
+
+def default_runtime_dir(uid: int | None = None, env: Mapping[str, str] | None = None) -> Path:
+    """``/run/hostbus`` for root, else ``$XDG_RUNTIME_DIR/hostbus``, else ``/tmp/hostbus-<uid>``."""
+    uid = os.getuid() if uid is None else uid
+    env = os.environ if env is None else env
+    if uid == 0:
+        return SYSTEM_RUNTIME_DIR
+    xdg = env.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg) / "hostbus"
+    return Path(f"/tmp/hostbus-{uid}")
+
+
+def default_state_dir(uid: int | None = None, env: Mapping[str, str] | None = None) -> Path:
+    """``/var/lib/hostbus`` for root, else ``$XDG_STATE_HOME/hostbus``, else ``~/.local/state/hostbus``."""
+    uid = os.getuid() if uid is None else uid
+    env = os.environ if env is None else env
+    if uid == 0:
+        return SYSTEM_STATE_DIR
+    xdg = env.get("XDG_STATE_HOME")
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg) / "hostbus"
+    return Path.home() / ".local" / "state" / "hostbus"
+
+
+def default_socket(env: Mapping[str, str] | None = None) -> Path:
+    """The socket a client connects to when none is given.
+
+    ``$HOSTBUS_SOCKET`` if set; else this user's instance if its socket exists; else the system
+    instance (``/run/hostbus/hostbus.sock``).
+    """
+    env = os.environ if env is None else env
+    explicit = env.get("HOSTBUS_SOCKET")
+    if explicit:
+        return Path(explicit)
+    mine = default_runtime_dir(env=env) / SOCKET_NAME
+    if mine.exists():
+        return mine
+    return SYSTEM_RUNTIME_DIR / SOCKET_NAME

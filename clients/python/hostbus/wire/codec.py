@@ -1,0 +1,329 @@
+"""Sans-IO codec: bytes in, frames out; frames in, bytes out. No I/O, no callbacks, no async.
+
+Shape (after h11): feed bytes with :meth:`Decoder.feed`, take frames with
+:meth:`Decoder.next_frame` (which returns :data:`NEED_DATA` when no complete frame is buffered)
+or all at once with :meth:`Decoder.frames`. Encoding is a set of pure functions returning bytes.
+Anything the peer sent that is not valid protocol raises :class:`RemoteProtocolError`; anything
+this side asked to encode that cannot be encoded raises a :class:`HostbusError` subclass.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping
+from typing import Any, Final, NamedTuple
+
+from hostbus.errors import (
+    ErrorCode,
+    InvalidHeadersError,
+    LocalProtocolError,
+    MessageTooLargeError,
+    RemoteProtocolError,
+)
+from hostbus.wire.frames import (
+    ERR,
+    ERR_FATAL,
+    GAP,
+    HEADER,
+    HEADER_ITEM,
+    HEADER_SIZE,
+    MAX_HEADERS_BYTES,
+    MSG_BLOCK,
+    MSG_PREFIX,
+    SENDER,
+    U16,
+    U32,
+    FrameType,
+)
+
+
+class Frame(NamedTuple):
+    type: int
+    flags: int
+    body: bytes
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA: Final = _NeedData()
+
+_unpack_header = HEADER.unpack_from
+_pack_header = HEADER.pack
+
+
+class Decoder:
+    """Splits a byte stream into frames.
+
+    ``accept`` is the set of frame types this side may receive; ``max_frame`` the largest value
+    of the length field. Both are checked as soon as the 6-byte header is here, before the body
+    is buffered, so an oversized or unknown frame costs nothing to refuse.
+    """
+
+    __slots__ = ("_buf", "_pos", "accept", "max_frame")
+
+    def __init__(self, accept: frozenset[int], max_frame: int) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+        self.accept = accept
+        self.max_frame = max_frame
+
+    def feed(self, data: bytes) -> None:
+        if self._pos:
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as frames (non-zero means a frame is partial)."""
+        return len(self._buf) - self._pos
+
+    def next_frame(self) -> Frame | _NeedData:
+        buf = self._buf
+        pos = self._pos
+        if len(buf) - pos < HEADER_SIZE:
+            return NEED_DATA
+        length, ftype, flags = _unpack_header(buf, pos)
+        self._check(length, ftype)
+        end = pos + 4 + length
+        if end > len(buf):
+            return NEED_DATA
+        self._pos = end
+        return Frame(ftype, flags, bytes(buf[pos + HEADER_SIZE : end]))
+
+    def frames(self) -> list[Frame]:
+        """Every complete frame buffered, in order (the batch form of :meth:`next_frame`).
+
+        If a bad header follows good frames, the good frames are returned first and the error is
+        raised by the next call, so no valid frame is lost.
+        """
+        buf = self._buf
+        pos = self._pos
+        size = len(buf)
+        out: list[Frame] = []
+        accept = self.accept
+        max_frame = self.max_frame
+        while size - pos >= HEADER_SIZE:
+            length, ftype, flags = _unpack_header(buf, pos)
+            if length > max_frame or length < 2 or ftype not in accept:
+                if out:
+                    break
+                self._pos = pos
+                self._check(length, ftype)
+            end = pos + 4 + length
+            if end > size:
+                break
+            out.append(Frame(ftype, flags, bytes(buf[pos + HEADER_SIZE : end])))
+            pos = end
+        self._pos = pos
+        if pos == size:
+            buf.clear()
+            self._pos = 0
+        return out
+
+    def _check(self, length: int, ftype: int) -> None:
+        if length < 2:
+            raise RemoteProtocolError(f"frame length {length} is below the minimum of 2")
+        if length > self.max_frame:
+            raise RemoteProtocolError(
+                f"frame of {length} bytes exceeds the limit of {self.max_frame}",
+                code=ErrorCode.FRAME_TOO_LARGE,
+            )
+        if ftype not in self.accept:
+            raise RemoteProtocolError(f"unknown frame type 0x{ftype:02x}", code=ErrorCode.UNKNOWN_FRAME)
+
+
+# --------------------------------------------------------------------------------------------
+# Encoding
+
+
+def frame(ftype: int, body: bytes = b"", flags: int = 0) -> bytes:
+    return _pack_header(len(body) + 2, ftype, flags) + body
+
+
+def encode_json(ftype: int, obj: Mapping[str, Any], prefix: bytes = b"") -> bytes:
+    return frame(ftype, prefix + json.dumps(obj, separators=(",", ":")).encode())
+
+
+def encode_headers(headers: Mapping[str, str] | None) -> bytes:
+    """The headers block for ``headers`` (empty bytes for no headers)."""
+    if not headers:
+        return b""
+    parts = [U16.pack(len(headers))]
+    for key, value in headers.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise InvalidHeadersError(f"header {key!r}: keys and values must be str")
+        kb = key.encode()
+        vb = value.encode()
+        if not kb or len(kb) > 0xFFFF or len(vb) > 0xFFFF:
+            raise InvalidHeadersError(f"header {key!r}: key must be 1..65535 bytes, value 0..65535 bytes")
+        parts.append(HEADER_ITEM.pack(len(kb), len(vb)))
+        parts.append(kb)
+        parts.append(vb)
+    block = b"".join(parts)
+    if len(block) > MAX_HEADERS_BYTES:
+        raise InvalidHeadersError(f"headers take {len(block)} bytes encoded; the limit is {MAX_HEADERS_BYTES}")
+    return block
+
+
+def decode_headers(block: bytes | memoryview) -> dict[str, str]:
+    """Parse a headers block; raises :class:`RemoteProtocolError` (INVALID_HEADERS) if malformed."""
+    if not block:
+        return {}
+    try:
+        (count,) = U16.unpack_from(block, 0)
+        pos = 2
+        out: dict[str, str] = {}
+        for _ in range(count):
+            klen, vlen = HEADER_ITEM.unpack_from(block, pos)
+            pos += 4
+            kend = pos + klen
+            vend = kend + vlen
+            if klen == 0 or vend > len(block):
+                raise ValueError("header item runs past the block")
+            out[bytes(block[pos:kend]).decode()] = bytes(block[kend:vend]).decode()
+            pos = vend
+        if pos != len(block):
+            raise ValueError(f"{len(block) - pos} stray bytes after the last header")
+    except (ValueError, struct.error) as exc:  # UnicodeDecodeError is a ValueError
+        raise RemoteProtocolError(f"malformed headers: {exc}", code=ErrorCode.INVALID_HEADERS) from None
+    return out
+
+
+def message_block(topic: bytes, data: bytes, headers: bytes = b"", reply: bytes = b"") -> bytes:
+    """The message block shared by PUB and MSG."""
+    return MSG_BLOCK.pack(len(topic), len(reply), len(headers)) + topic + reply + headers + data
+
+
+def encode_pub(
+    topic: bytes, data: bytes, headers: bytes = b"", reply: bytes = b"", flags: int = 0, max_frame: int = 0
+) -> bytes:
+    """A PUB frame. ``topic``/``reply`` are UTF-8 bytes, ``headers`` an encoded headers block."""
+    length = 10 + len(topic) + len(reply) + len(headers) + len(data)
+    if max_frame and length > max_frame:
+        raise MessageTooLargeError(f"message of {length} bytes framed exceeds the broker's limit of {max_frame}")
+    return (
+        _pack_header(length, FrameType.PUB, flags)
+        + MSG_BLOCK.pack(len(topic), len(reply), len(headers))
+        + topic
+        + reply
+        + headers
+        + data
+    )
+
+
+def encode_hello(name: str | None, client: str, protocol: int) -> bytes:
+    return encode_json(FrameType.HELLO, {"protocol": protocol, "name": name, "client": client})
+
+
+def encode_sub(sid: int, options: Mapping[str, Any]) -> bytes:
+    return encode_json(FrameType.SUB, options, U32.pack(sid))
+
+
+def encode_u32(ftype: int, value: int) -> bytes:
+    """UNSUB, PING, PONG and OK: a frame whose body is one u32."""
+    return _pack_header(6, ftype, 0) + U32.pack(value)
+
+
+def encode_call(call_id: int, op: str, args: Mapping[str, Any] | None = None) -> bytes:
+    return encode_json(FrameType.CALL, {"op": op, **(args or {})}, U32.pack(call_id))
+
+
+def encode_err(code: int, ref: int, message: str, fatal: bool) -> bytes:
+    return frame(FrameType.ERR, ERR.pack(code, ref) + message.encode(), ERR_FATAL if fatal else 0)
+
+
+def encode_sender(ref: int, uid: int, gid: int, pid: int, origin: str = "") -> bytes:
+    return frame(FrameType.SENDER, SENDER.pack(ref, uid, gid, pid) + origin.encode())
+
+
+def encode_gap(sid: int, missed: int) -> bytes:
+    return frame(FrameType.GAP, GAP.pack(sid, missed))
+
+
+def msg_header(sid: int, sender_ref: int, block_len: int, flags: int = 0) -> bytes:
+    """The MSG frame up to the message block; the block follows it unchanged."""
+    return _pack_header(block_len + 14, FrameType.MSG, flags) + MSG_PREFIX.pack(sid, sender_ref)
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding frame bodies
+
+
+class BlockView(NamedTuple):
+    """Offsets of the parts of a message block inside a frame body."""
+
+    topic: str
+    reply: str
+    headers_start: int
+    headers_end: int  # payload starts here
+
+
+def split_block(body: bytes, start: int = 0) -> BlockView:
+    """Locate the parts of the message block at ``body[start:]``; checks lengths and UTF-8."""
+    if len(body) - start < 8:
+        raise RemoteProtocolError(f"message block of {len(body) - start} bytes is shorter than its 8-byte header")
+    tlen, rlen, hlen = MSG_BLOCK.unpack_from(body, start)
+    t0 = start + 8
+    r0 = t0 + tlen
+    h0 = r0 + rlen
+    h1 = h0 + hlen
+    if h1 > len(body):
+        raise RemoteProtocolError(
+            f"message block declares {tlen}+{rlen}+{hlen} bytes of topic, reply and headers "
+            f"but only {len(body) - t0} bytes follow"
+        )
+    try:
+        topic = body[t0:r0].decode()
+        reply = body[r0:h0].decode() if rlen else ""
+    except UnicodeDecodeError:
+        raise RemoteProtocolError("topic or reply subject is not valid UTF-8", code=ErrorCode.INVALID_TOPIC) from None
+    return BlockView(topic, reply, h0, h1)
+
+
+def split_u32(body: bytes) -> tuple[int, bytes]:
+    """A frame body that starts with a u32 (SUB, CALL, RESULT, OK, ...): the u32 and the rest."""
+    if len(body) < 4:
+        raise RemoteProtocolError(f"frame body of {len(body)} bytes is shorter than its 4-byte id")
+    return U32.unpack_from(body, 0)[0], body[4:]
+
+
+def decode_json_obj(raw: bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(raw)
+    except ValueError as exc:
+        raise RemoteProtocolError(f"invalid JSON body: {exc}") from None
+    if not isinstance(obj, dict):
+        raise RemoteProtocolError("JSON body must be an object")
+    return obj
+
+
+def decode_err(body: bytes) -> tuple[int, int, str]:
+    if len(body) < ERR.size:
+        raise RemoteProtocolError("ERR frame too short")
+    code, ref = ERR.unpack_from(body, 0)
+    return code, ref, body[ERR.size :].decode(errors="replace")
+
+
+def decode_sender(body: bytes) -> tuple[int, int, int, int, str]:
+    if len(body) < SENDER.size:
+        raise RemoteProtocolError("SENDER frame too short")
+    ref, uid, gid, pid = SENDER.unpack_from(body, 0)
+    return ref, uid, gid, pid, body[SENDER.size :].decode(errors="replace")
+
+
+def decode_gap(body: bytes) -> tuple[int, int]:
+    if len(body) != GAP.size:
+        raise RemoteProtocolError("GAP frame has the wrong size")
+    sid, missed = GAP.unpack(body)
+    return int(sid), int(missed)
+
+
+def check_local_u32(value: int, what: str) -> int:
+    if not 0 <= value <= 0xFFFFFFFF:
+        raise LocalProtocolError(f"{what} {value} does not fit in a u32")
+    return value

@@ -1,0 +1,76 @@
+"""Frame types, flags and fixed layouts of the hostbus wire protocol (version 1).
+
+Every frame is ``u32 length | u8 type | u8 flags | body`` with ``length`` counting the bytes
+after the length field (so ``length = 2 + len(body)``). All integers are little-endian.
+``docs/protocol.md`` is the full specification; this module is its executable form.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+
+PROTOCOL_VERSION = 1
+
+#: ``u32 length, u8 type, u8 flags``
+HEADER = struct.Struct("<IBB")
+HEADER_SIZE = HEADER.size  # 6
+
+#: Largest frame (length field value) the broker reads before the handshake completes.
+HANDSHAKE_MAX_FRAME = 64 * 1024
+
+#: Message block: ``u16 topic_len, u16 reply_len, u32 headers_len`` then topic, reply, headers,
+#: payload. It is the body of PUB and the tail of MSG, so the broker forwards it unchanged.
+MSG_BLOCK = struct.Struct("<HHI")
+#: MSG prefix: ``u32 sid, u64 sender_ref``.
+MSG_PREFIX = struct.Struct("<IQ")
+#: SENDER: ``u64 ref, u32 uid, u32 gid, u32 pid`` then the UTF-8 origin (empty for socket peers).
+SENDER = struct.Struct("<QIII")
+#: ERR: ``u16 code, u32 ref`` then a UTF-8 message.
+ERR = struct.Struct("<HI")
+#: GAP: ``u32 sid, u64 missed``.
+GAP = struct.Struct("<IQ")
+#: A u32 (sid of SUB/UNSUB/OK, token of PING/PONG, id of CALL/RESULT).
+U32 = struct.Struct("<I")
+#: Headers block: ``u16 count`` then per header ``u16 key_len, u16 value_len, key, value``.
+U16 = struct.Struct("<H")
+HEADER_ITEM = struct.Struct("<HH")
+
+#: Largest encoded headers block, in bytes.
+MAX_HEADERS_BYTES = 65535
+
+
+class FrameType(enum.IntEnum):
+    # client -> broker
+    HELLO = 0x01
+    PUB = 0x02
+    SUB = 0x03
+    UNSUB = 0x04
+    PING = 0x05
+    CALL = 0x06
+    # broker -> client
+    WELCOME = 0x81
+    MSG = 0x82
+    SENDER = 0x83
+    SENDER_RESET = 0x84
+    OK = 0x85
+    ERR = 0x86
+    GAP = 0x87
+    NORESP = 0x88
+    PONG = 0x89
+    RESULT = 0x8A
+
+
+CLIENT_FRAMES = frozenset(t for t in FrameType if t < 0x80)
+SERVER_FRAMES = frozenset(t for t in FrameType if t >= 0x80)
+
+# PUB flags
+PUB_RETAIN = 0x01
+PUB_REQUEST = 0x02  # reply_to is set and the publisher wants NORESP if nobody subscribes
+# MSG flags
+MSG_RETAINED = 0x01  # delivered from the retained store at subscribe time
+# ERR flags
+ERR_FATAL = 0x01  # the broker closes the connection after this frame
+
+# Subscription overflow policies (SUB "policy").
+POLICIES = ("drop-oldest", "drop-new", "disconnect")
