@@ -1,0 +1,170 @@
+"""Flow control: a subscriber that stops reading costs bounded memory and never slows the others."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable
+
+import pytest
+
+import hostbus
+from hostbus import wire
+from hostbus.errors import ErrorCode
+from tests.conftest import Daemon
+from tests.helpers.raw import RawClient
+
+MiB = 1024 * 1024
+QUEUE_LIMIT = 8 * MiB
+
+
+def stalled_subscriber(daemon: Daemon, pattern: str, policy: str) -> RawClient:
+    """A connection that subscribes and then does not read (small receive buffer)."""
+    raw = RawClient(daemon.socket)
+    raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    raw.send(wire.encode_sub(1, {"pattern": pattern, "policy": policy}))
+    ok = raw.read_until(wire.FrameType.OK)
+    assert ok is not None
+    return raw
+
+
+def read_deliveries(raw: RawClient, timeout: float = 1.0) -> tuple[int, int, list[int]]:
+    """Read until the broker goes quiet: (messages, total missed from GAP frames, message payload ids)."""
+    raw.sock.settimeout(timeout)
+    msgs = missed = 0
+    ids: list[int] = []
+    while True:
+        try:
+            data = raw.sock.recv(1 << 20)
+        except TimeoutError:
+            break
+        if not data:
+            break
+        raw.decoder.feed(data)
+        for f in raw.decoder.frames():
+            if f.type == wire.FrameType.MSG:
+                msgs += 1
+                view = wire.split_block(f.body, 12)
+                ids.append(int.from_bytes(f.body[view.headers_end:view.headers_end + 4], "little"))
+            elif f.type == wire.FrameType.GAP:
+                missed += wire.decode_gap(f.body)[1]
+    return msgs, missed, ids
+
+
+@pytest.fixture
+def limited(start_daemon: Callable[..., Daemon]) -> Daemon:
+    return start_daemon({
+        "limits": {"max_queued_bytes_per_connection": QUEUE_LIMIT},
+        "subscriptions": {"max_queued_bytes": QUEUE_LIMIT, "max_queued_msgs": 1_000_000},
+    })
+
+
+def test_stalled_subscriber_while_publishing_1_gib(limited: Daemon) -> None:
+    size = 256 * 1024
+    count = 4096  # 1 GiB
+    baseline_kb = limited.status()["VmRSS"]
+    stalled = stalled_subscriber(limited, "bulk", "drop-oldest")
+    healthy_bus = limited.connect("healthy")
+    healthy = healthy_bus.subscribe("bulk", pending_limit=count)
+    received = {"n": 0, "bytes": 0, "in_order": True}
+    progress = threading.Condition()
+
+    def consume() -> None:
+        for i in range(count):
+            msg = healthy.next(timeout=30)
+            if int.from_bytes(msg.data[:4], "little") != i:
+                received["in_order"] = False
+            with progress:
+                received["n"] += 1
+                received["bytes"] += len(msg.data)
+                progress.notify()
+
+    reader = threading.Thread(target=consume)
+    reader.start()
+    body = b"\0" * (size - 4)
+    with limited.connect("publisher") as pub:
+        for i in range(count):
+            pub.publish("bulk", i.to_bytes(4, "little") + body)
+            if i % 8 == 7:  # keep the healthy reader within 4 MiB (half its queue: it must not drop)
+                with progress:
+                    progress.wait_for(lambda i=i: received["n"] >= i - 8, timeout=30)
+        pub.flush(timeout=30)
+    reader.join(60)
+    healthy_bus.close()
+    assert received == {"n": count, "bytes": count * size, "in_order": True}
+    assert healthy.missed == 0
+
+    mem = limited.status()
+    peak_growth_mib = (mem["VmHWM"] - baseline_kb) / 1024
+    # 1 GiB went through; the broker held at most the stalled queue (8 MiB) plus buffers.
+    print(f"broker peak RSS growth: {peak_growth_mib:.1f} MiB")
+    assert peak_growth_mib < 64, f"broker peak RSS grew by {peak_growth_mib:.1f} MiB"
+
+    msgs, missed, ids = read_deliveries(stalled)
+    stalled.close()
+    assert missed > 0
+    assert msgs + missed == count  # every message is either delivered or counted as missed
+    assert ids == sorted(ids)
+    assert ids[-1] == count - 1  # drop-oldest: the freshest message survived
+    with limited.connect() as bus:
+        st = bus.stats()
+    assert st["messages"]["dropped"] == missed
+    assert st["queued_bytes"] == 0
+
+
+def test_drop_new_keeps_the_oldest(limited: Daemon) -> None:
+    stalled = stalled_subscriber(limited, "bulk", "drop-new")
+    count = 400
+    with limited.connect("publisher") as pub:
+        for i in range(count):
+            pub.publish("bulk", i.to_bytes(4, "little") + b"\0" * (64 * 1024))
+        pub.flush(timeout=30)
+    msgs, missed, ids = read_deliveries(stalled)
+    stalled.close()
+    assert missed > 0 and msgs + missed == count
+    assert ids == list(range(msgs))  # a prefix: the new ones were dropped
+
+
+def test_disconnect_policy_ends_the_slow_consumer_only(limited: Daemon) -> None:
+    stalled = stalled_subscriber(limited, "bulk", "disconnect")
+    with limited.connect("other") as other:
+        ok_sub = other.subscribe("bulk", pending_limit=1000)
+        with limited.connect("publisher") as pub:
+            for i in range(400):
+                pub.publish("bulk", i.to_bytes(4, "little") + b"\0" * (64 * 1024))
+                if i % 50 == 0:
+                    pub.flush()
+            pub.flush(timeout=30)
+        code, message = stalled.fatal_error(timeout=10)
+        stalled.close()
+        assert code == ErrorCode.SLOW_CONSUMER
+        assert "overflowed" in message
+        got = 0
+        while True:
+            try:
+                ok_sub.next(timeout=1)
+                got += 1
+            except hostbus.TimeoutError:
+                break
+        assert got + ok_sub.missed == 400
+
+
+def test_gap_reaches_the_library_subscriber(limited: Daemon) -> None:
+    sub_bus = limited.connect("slow")
+    sub = sub_bus.subscribe("g", max_bytes=1024 * 1024, pending_limit=1_000_000)
+    # The library's reader never blocks, so overflow the small broker-side queue (1 MiB) with a
+    # burst the reader cannot keep up with; the GAP counts must add up exactly.
+    with limited.connect("publisher") as pub:
+        for i in range(2000):
+            pub.publish("g", i.to_bytes(4, "little") + b"\0" * (32 * 1024))
+        pub.flush(timeout=30)
+    got = 0
+    while True:
+        try:
+            sub.next(timeout=1)
+            got += 1
+        except hostbus.TimeoutError:
+            break
+    sub_bus.close()
+    assert sub.missed > 0
+    assert got + sub.missed == 2000
