@@ -8,6 +8,7 @@ configuration file, directories, binding, signals) and hands the result here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import Sequence
 from typing import Any
@@ -42,10 +43,8 @@ class Broker:
         await self.start()
         loop = asyncio.get_running_loop()
         while not stop.is_set():
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), HOUSEKEEPING_INTERVAL)
-            except TimeoutError:
-                pass
             now = loop.time()
             for peer in list(self.peers):
                 peer.check_timeouts(now)

@@ -132,6 +132,16 @@ def resolve_dirs(config: Config) -> tuple[Path, Path]:
     return runtime.absolute(), state.absolute()
 
 
+_early_signals: list[int] = []
+
+
+def _catch_early_signals() -> None:
+    """Until the event loop takes over, remember SIGTERM/SIGINT instead of dying uncleanly."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: _early_signals.append(signum))
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
 async def serve(config: Config, sock: socket.socket, sock_path: Path, log: Any) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -149,6 +159,8 @@ async def serve(config: Config, sock: socket.socket, sock_path: Path, log: Any) 
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: log.warning(
         "reload_unsupported", detail="this version does not reload; the configuration is unchanged"))
+    if _early_signals:
+        stop.set()
     broker = Broker(config, [sock], on_peer_error=peer_log.warning)
     runner = asyncio.ensure_future(broker.run(stop))
     await asyncio.sleep(0)
@@ -181,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     sock_mode = config.socket.mode if config.socket.mode is not None else (0o666 if root else 0o600)
     runtime_dir, state_dir = resolve_dirs(config)
     sock_path = runtime_dir / paths.SOCKET_NAME
+    _catch_early_signals()
     try:
         prepare_dir(runtime_dir, dir_mode)
         prepare_dir(state_dir, 0o700)
@@ -195,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import uvloop  # noqa: PLC0415 - only the running daemon needs it
 
-        return uvloop.run(serve(config, sock, sock_path, log))  # type: ignore[no-any-return]
+        return uvloop.run(serve(config, sock, sock_path, log))
     finally:
         sock.close()
         try:

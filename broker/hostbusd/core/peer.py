@@ -179,7 +179,7 @@ class PeerCore:
         else:
             session.send(wire.encode_err(ErrorCode.INVALID_ARGUMENT, call_id, f"unknown CALL op {op!r}", False))
             return
-        session.send(wire.encode_json(FrameType.RESULT, result, wire.codec.U32.pack(call_id)))
+        session.send(wire.encode_json(FrameType.RESULT, result, wire.frames.U32.pack(call_id)))
 
     def fail(self, code: int, message: str, *, peer_fault: bool = True) -> None:
         """End this peer with a fatal error; a fault of its own is logged (rate-limited)."""

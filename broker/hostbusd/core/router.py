@@ -202,10 +202,8 @@ class Router:
         stats.msgs_in += 1
         stats.bytes_in += len(block)
         counts = stats.topics
-        if topic.startswith(topics.INBOX_PREFIX):  # one per request: counted together
-            topic_key = "_INBOX"
-        else:
-            topic_key = topic
+        # Inbox topics are one per request: counted together.
+        topic_key = "_INBOX" if topic.startswith(topics.INBOX_PREFIX) else topic
         if topic_key in counts:
             counts[topic_key] += 1
         elif len(counts) < self.stats_max_topics:

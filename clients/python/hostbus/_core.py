@@ -31,7 +31,7 @@ _MAX_INBOUND_FRAME = (1 << 30) + 1024
 #: Distinct topics whose validated UTF-8 form is kept (publishing to a topic again skips checks).
 _TOPIC_CACHE = 4096
 
-_U32 = wire.codec.U32
+_U32 = wire.frames.U32
 _MSG_PREFIX = wire.frames.MSG_PREFIX
 
 

@@ -14,12 +14,13 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, cast
+from typing import Any
 
 from hostbus import paths, wire
 from hostbus._core import ClientCore, as_hostbus_error
 from hostbus.client import DEFAULT_CONTROL_TIMEOUT, DEFAULT_PENDING_LIMIT
-from hostbus.errors import ClosedError, ConnectionLostError, HostbusError, TimeoutError
+from hostbus.errors import ClosedError, ConnectionLostError, HostbusError
+from hostbus.errors import TimeoutError as HostbusTimeoutError
 from hostbus.message import Message
 
 __all__ = ["Bus", "Subscription", "connect"]
@@ -28,8 +29,8 @@ __all__ = ["Bus", "Subscription", "connect"]
 async def _wait(fut: asyncio.Future[Any], timeout: float | None, what: str) -> Any:
     try:
         return await asyncio.wait_for(fut, timeout)
-    except asyncio.TimeoutError:
-        raise TimeoutError(f"{what}: no answer within {timeout} s") from None
+    except TimeoutError:
+        raise HostbusTimeoutError(f"{what}: no answer within {timeout} s") from None
 
 
 class Subscription:
@@ -74,8 +75,8 @@ class Subscription:
             self._waiter = self.bus._loop.create_future()
             try:
                 await asyncio.wait_for(self._waiter, timeout)
-            except asyncio.TimeoutError:
-                raise TimeoutError(f"no message on {self.pattern!r} within {timeout} s") from None
+            except TimeoutError:
+                raise HostbusTimeoutError(f"no message on {self.pattern!r} within {timeout} s") from None
             finally:
                 self._waiter = None
         return items.popleft()
@@ -154,10 +155,10 @@ class Bus:
         try:
             transport, _ = await asyncio.wait_for(
                 loop.create_unix_connection(lambda: _Protocol(self), str(path)), timeout)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (OSError, TimeoutError) as exc:
             raise ConnectionLostError(f"cannot connect to hostbusd at {path}: {exc}",
                                       hint="is hostbusd running? set HOSTBUS_SOCKET or pass socket=") from None
-        self._transport = cast(asyncio.Transport, transport)
+        self._transport = transport
         fut: asyncio.Future[Any] = loop.create_future()
         self._core.welcome_waiter = fut
         self._send(self._core.hello())
@@ -268,7 +269,7 @@ class Bus:
             self._write()
             self._closing = True
             self._transport.close()
-        with contextlib.suppress(asyncio.TimeoutError):
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._closed.wait(), 5.0)
         self._core.connection_lost(ClosedError("the connection was closed"))
 

@@ -23,7 +23,8 @@ from typing import Any
 
 from hostbus import paths
 from hostbus._core import ClientCore, as_hostbus_error
-from hostbus.errors import ClosedError, ConnectionLostError, HostbusError, TimeoutError
+from hostbus.errors import ClosedError, ConnectionLostError, HostbusError
+from hostbus.errors import TimeoutError as HostbusTimeoutError
 from hostbus.message import Message
 
 #: Bytes of published frames buffered before publish() blocks.
@@ -40,7 +41,7 @@ def _wait(fut: concurrent.futures.Future[Any], timeout: float | None, what: str)
     try:
         return fut.result(timeout)
     except concurrent.futures.TimeoutError:
-        raise TimeoutError(f"{what}: no answer within {timeout} s") from None
+        raise HostbusTimeoutError(f"{what}: no answer within {timeout} s") from None
 
 
 class Subscription:
@@ -95,7 +96,7 @@ class Subscription:
                 self._waiting = True
                 try:
                     if not self._cond.wait(timeout):
-                        raise TimeoutError(f"no message on {self.pattern!r} within {timeout} s")
+                        raise HostbusTimeoutError(f"no message on {self.pattern!r} within {timeout} s")
                 finally:
                     self._waiting = False
             return items.popleft()
@@ -290,7 +291,7 @@ class Bus:
                 core.receive(data)
                 if core.lost is not None:
                     return
-        except BaseException as exc:  # noqa: BLE001 - the reader must report every way it ends
+        except BaseException as exc:
             self._lost(ClosedError("the connection was closed") if self._closing else as_hostbus_error(exc))
         finally:
             with self._wcond:

@@ -97,7 +97,7 @@ class NoRespondersError(HostbusError):
     hint = "start a responder subscribed to the topic, or check the topic name"
 
 
-class TimeoutError(HostbusError, builtins.TimeoutError):  # noqa: A001 - it *is* a TimeoutError
+class TimeoutError(HostbusError, builtins.TimeoutError):
     """Nothing arrived within the given timeout."""
 
 
