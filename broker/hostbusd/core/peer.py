@@ -32,6 +32,15 @@ from hostbusd.core.session import Session
 _MAX_GROUP_BYTES = 255
 
 
+def _valid_group(group: object) -> bool:
+    if not isinstance(group, str) or not group or any(c.isspace() or not c.isprintable() for c in group):
+        return False
+    try:
+        return len(group.encode()) <= _MAX_GROUP_BYTES
+    except UnicodeEncodeError:  # a lone surrogate from a JSON escape
+        return False
+
+
 class State(enum.Enum):
     HELLO = "hello"
     OPEN = "open"
@@ -116,7 +125,7 @@ class PeerCore:
     def _hello(self, body: bytes) -> None:
         hello = wire.decode_json_obj(body)
         version = hello.get("protocol")
-        if version != wire.PROTOCOL_VERSION:
+        if type(version) is not int or version != wire.PROTOCOL_VERSION:  # not True, not 1.0
             raise RemoteProtocolError(
                 f"unsupported protocol version {version!r}; this broker speaks {wire.PROTOCOL_VERSION}",
                 code=ErrorCode.HANDSHAKE,
@@ -145,19 +154,16 @@ class PeerCore:
         cfg = self.hub.config
         pattern = obj.get("pattern")
         group = obj.get("group")
-        policy = obj.get("policy") or cfg.subscriptions.policy
-        max_msgs = obj.get("max_msgs") or cfg.subscriptions.max_queued_msgs
-        max_bytes = obj.get("max_bytes") or cfg.subscriptions.max_queued_bytes
+        policy = obj.get("policy", cfg.subscriptions.policy)
+        max_msgs = obj.get("max_msgs", cfg.subscriptions.max_queued_msgs)
+        max_bytes = obj.get("max_bytes", cfg.subscriptions.max_queued_bytes)
 
         def bad(what: str) -> HostbusError:
             return HostbusError(f"SUB: {what}", code=ErrorCode.INVALID_ARGUMENT)
 
         if not isinstance(pattern, str):
             raise bad("'pattern' must be a string")
-        if group is not None and (
-            not isinstance(group, str) or not group or len(group.encode()) > _MAX_GROUP_BYTES
-            or any(c.isspace() for c in group)
-        ):
+        if group is not None and not _valid_group(group):
             raise bad(f"'group' must be a non-empty name of at most {_MAX_GROUP_BYTES} bytes without spaces")
         if policy not in wire.POLICIES:
             raise bad(f"'policy' {policy!r} is not one of {', '.join(wire.POLICIES)}")

@@ -27,7 +27,7 @@ MAX_TOPIC_BYTES = 512
 
 INBOX_PREFIX = "_INBOX."
 
-_TOKEN = r"[^\s.*>\x00-\x1f\x7f]+"
+_TOKEN = r"[^\s.*>\x00-\x1f\x7f-\x9f\ud800-\udfff]+"  # no whitespace, controls, DEL or lone surrogates
 _TOPIC_RE = re.compile(rf"{_TOKEN}(?:\.{_TOKEN})*")
 _PATTERN_TOKEN_RE = re.compile(rf"{_TOKEN}|\*|>")
 
@@ -48,14 +48,14 @@ def pattern_problem(pattern: str) -> str | None:
     """Why ``pattern`` is not a valid subscription pattern, or None if it is."""
     if not pattern:
         return "pattern is empty"
-    if len(pattern.encode()) > MAX_TOPIC_BYTES:
-        return f"pattern is {len(pattern.encode())} bytes long; the limit is {MAX_TOPIC_BYTES}"
     tokens = pattern.split(".")
     for i, token in enumerate(tokens):
         if _PATTERN_TOKEN_RE.fullmatch(token) is None:
             return _token_problem(pattern, wildcards=True)
         if token == ">" and i != len(tokens) - 1:
             return f"'>' may only be the last token (in {pattern!r})"
+    if len(pattern.encode()) > MAX_TOPIC_BYTES:
+        return f"pattern is {len(pattern.encode())} bytes long; the limit is {MAX_TOPIC_BYTES}"
     return None
 
 
@@ -70,8 +70,10 @@ def _token_problem(name: str, *, wildcards: bool) -> str:
                 if wildcards:
                     return f"wildcard {ch!r} must be a whole token (in {name!r})"
                 return f"wildcard {ch!r} is not allowed in a topic to publish on (in {name!r})"
-            if ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F:
+            if ch.isspace() or ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F:
                 return f"whitespace or control character {ch!r} in {name!r}"
+            if 0xD800 <= ord(ch) <= 0xDFFF:
+                return f"lone surrogate {ch!r} in {name!r} (not encodable as UTF-8)"
     return f"{name!r} is not a valid name"  # pragma: no cover - the regexes and this loop agree
 
 

@@ -295,8 +295,8 @@ def split_u32(body: bytes) -> tuple[int, bytes]:
 def decode_json_obj(raw: bytes) -> dict[str, Any]:
     try:
         obj = json.loads(raw)
-    except ValueError as exc:
-        raise RemoteProtocolError(f"invalid JSON body: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly nested input
+        raise RemoteProtocolError(f"invalid JSON body: {type(exc).__name__}: {exc}") from None
     if not isinstance(obj, dict):
         raise RemoteProtocolError("JSON body must be an object")
     return obj
