@@ -87,12 +87,12 @@ class SubscriptionsConfig(_Section):
     max_queued_msgs: int = Field(
         65536, ge=1,
         description="Messages queued per subscription while its connection cannot take more (default for "
-        "subscriptions that do not ask; a request above max_queued_bytes_per_connection is capped).",
+        "subscriptions that do not ask).",
     )
     max_queued_bytes: int = Field(
         16 * MiB, ge=1024,
         description="Bytes queued per subscription while its connection cannot take more (default for "
-        "subscriptions that do not ask).",
+        "subscriptions that do not ask; a request above max_queued_bytes_per_connection is capped).",
     )
 
 

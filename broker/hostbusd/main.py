@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import json
 import os
+import resource
 import signal
 import socket
 import stat
@@ -126,6 +128,21 @@ def bind_socket(path: Path, mode: int) -> socket.socket:
     return sock
 
 
+def ensure_fd_limit(max_connections: int, log: Any) -> None:
+    """Raise the soft RLIMIT_NOFILE towards the hard one so max_connections can be served."""
+    needed = max_connections + 64  # listeners, logs, and room for later transports
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning("fd_limit_low", rlimit_nofile=soft, max_connections=max_connections,
+                    detail="connections past the file descriptor limit wait in the listen backlog; "
+                    "lower limits.max_connections or raise LimitNOFILE")
+
+
 def resolve_dirs(config: Config) -> tuple[Path, Path]:
     runtime = Path(config.runtime_dir) if config.runtime_dir else paths.default_runtime_dir()
     state = Path(config.state_dir) if config.state_dir else paths.default_state_dir()
@@ -194,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     runtime_dir, state_dir = resolve_dirs(config)
     sock_path = runtime_dir / paths.SOCKET_NAME
     _catch_early_signals()
+    ensure_fd_limit(config.limits.max_connections, log)
     try:
         prepare_dir(runtime_dir, dir_mode)
         prepare_dir(state_dir, 0o700)

@@ -168,3 +168,25 @@ def test_gap_reaches_the_library_subscriber(limited: Daemon) -> None:
     sub_bus.close()
     assert sub.missed > 0
     assert got + sub.missed == 2000
+
+
+def test_a_peer_that_asks_but_never_reads_is_closed(start_daemon: Callable[..., Daemon]) -> None:
+    d = start_daemon({"limits": {"max_queued_bytes_per_connection": 64 * 1024, "close_timeout": 0.5}})
+    raw = RawClient(d.socket)
+    raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+    pings = b"".join(wire.encode_u32(wire.FrameType.PING, i) for i in range(1, 200_001))
+    raw.sock.settimeout(20)
+    try:
+        raw.sock.sendall(pings)  # 2 MB of PINGs, answers never read
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # closed while we were still sending: also what we want
+    with d.connect() as bus:
+        for _ in range(100):
+            if bus.stats()["connections"] == 1:
+                break
+            threading.Event().wait(0.05)
+        st = bus.stats()
+    raw.close()
+    assert st["connections"] == 1  # only this one: the non-reader was closed
+    assert st["peer_errors"] == 1
+    assert "stopped reading" in d.log()

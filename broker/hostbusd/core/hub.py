@@ -51,9 +51,6 @@ class Hub:
         lim = self.config.limits
         return Session(ident, batch_bytes=lim.write_batch_bytes, max_queued_bytes=lim.max_queued_bytes_per_connection)
 
-    def has_room(self) -> bool:
-        return len(self.sessions) < self.config.limits.max_connections
-
     def open(self, session: Session) -> str:
         """A session finished its handshake; returns its inbox prefix."""
         self.sessions.add(session)

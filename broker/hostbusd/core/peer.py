@@ -21,9 +21,10 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-from hostbus import wire
+from hostbus import topics, wire
 from hostbus.errors import ErrorCode, HostbusError, InvalidTopicError, RemoteProtocolError
 from hostbus.wire import FrameType
+from hostbus.wire.frames import MAX_HEADERS_BYTES
 from hostbusd.core.hub import Hub
 from hostbusd.core.identity import Identity
 from hostbusd.core.router import SubscribeOptions
@@ -89,8 +90,15 @@ class PeerCore:
         router = self.hub.router
         router.check_topic(topic)
         if h1 > h0:
+            if h1 - h0 > MAX_HEADERS_BYTES:
+                raise RemoteProtocolError(f"headers block of {h1 - h0} bytes exceeds the limit of "
+                                          f"{MAX_HEADERS_BYTES}", code=ErrorCode.INVALID_HEADERS)
             wire.decode_headers(memoryview(body)[h0:h1])
-        if flags & wire.PUB_REQUEST and not reply:
+        if reply:
+            problem = topics.topic_problem(reply)
+            if problem is not None:
+                raise InvalidTopicError(f"invalid reply subject: {problem}")
+        elif flags & wire.PUB_REQUEST:
             raise RemoteProtocolError("PUB with the REQUEST flag has no reply subject")
         session = self.session
         session.msgs_in += 1
@@ -140,11 +148,14 @@ class PeerCore:
 
     def _subscribe(self, body: bytes) -> None:
         sid, raw = wire.split_u32(body)
+        if sid == 0:
+            raise RemoteProtocolError("SUB with sid 0: sid 0 is reserved for the reply inbox")
+        obj = wire.decode_json_obj(raw)  # malformed JSON is a broken client: fatal like any bad frame
         session = self.session
         try:
-            opts = self._sub_options(wire.decode_json_obj(raw))
+            opts = self._sub_options(obj)
             self.hub.router.subscribe(session, sid, opts)
-        except (HostbusError, RemoteProtocolError) as exc:
+        except HostbusError as exc:
             self.hub.peer_error("subscribe_refused", session, sid=sid, reason=str(exc))
             session.send(wire.encode_err(exc.code or ErrorCode.INVALID_ARGUMENT, sid, str(exc), fatal=False))
             return

@@ -229,7 +229,7 @@ class Router:
         if n == 0 and flags & wire.PUB_REQUEST and origin is not None:
             stats.no_responders += 1
             origin.send(wire.frame(wire.FrameType.NORESP, reply.encode()))
-        if flags & wire.PUB_RETAIN:
+        if flags & wire.PUB_RETAIN and not topic.startswith(topics.INBOX_PREFIX):  # replies are not kept
             self.retained.put(topic, ident, block, payload_len)  # after delivery: may raise a limit
         return n
 

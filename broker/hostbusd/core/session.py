@@ -25,6 +25,8 @@ from hostbusd.core.outbound import OutboundQueue, Overflow
 MAX_KNOWN_SENDERS = 4096
 
 _msg_header = wire.msg_header
+_MSG_OVERHEAD = wire.HEADER_SIZE + wire.frames.MSG_PREFIX.size  # MSG frame bytes before the block
+_SENDER_RESET = wire.frame(wire.FrameType.SENDER_RESET)
 
 
 class Egress(Protocol):
@@ -118,8 +120,7 @@ class Session:
         """Queue a control frame (OK, ERR, PONG, RESULT, NORESP ...) for the next write."""
         if self.closing:
             return
-        self.out.append(data)
-        self.out_bytes += len(data)
+        self._append(data)
         self._poke()
 
     def deliver(self, sub: Subscription, ident: Identity, block: bytes, flags: int = 0) -> None:
@@ -147,21 +148,25 @@ class Session:
             self.backlog.append(sub)
 
     def _write_msg(self, sub: Subscription, ident: Identity, block: bytes, flags: int) -> None:
-        out = self.out
         if ident.ref not in self.known:
             if len(self.known) >= MAX_KNOWN_SENDERS:
                 self.known.clear()
-                out.append(wire.frame(wire.FrameType.SENDER_RESET))
+                self._append(_SENDER_RESET)
             self.known.add(ident.ref)
-            out.append(ident.frame())
+            self._append(ident.frame())
         q = sub.queue
         if q.missed:
-            out.append(wire.encode_gap(sub.sid, q.missed))
+            self._append(wire.encode_gap(sub.sid, q.missed))
             q.missed = 0
+        out = self.out
         out.append(_msg_header(sub.sid, ident.ref, len(block), flags))
         out.append(block)
-        self.out_bytes += len(block) + 20
+        self.out_bytes += len(block) + _MSG_OVERHEAD
         self.msgs_out += 1
+
+    def _append(self, frame: bytes) -> None:
+        self.out.append(frame)
+        self.out_bytes += len(frame)
 
     def _poke(self) -> None:
         if self.out_bytes >= self.batch_bytes:
@@ -195,7 +200,7 @@ class Session:
                 self.queued_bytes -= len(block)
                 self._write_msg(sub, ident, block, flags)
             elif q.missed:
-                self.out.append(wire.encode_gap(sub.sid, q.missed))
+                self._append(wire.encode_gap(sub.sid, q.missed))
                 q.missed = 0
             if q.items or q.missed:
                 backlog.rotate(-1)
@@ -216,7 +221,7 @@ class Session:
         """End this peer: a fatal ERR frame, then close. Later deliveries are ignored."""
         if self.closing:
             return
-        self.out.append(wire.encode_err(code, 0, message, fatal=True))
+        self._append(wire.encode_err(code, 0, message, fatal=True))
         self.closing = True
         self.egress.close()
 

@@ -52,7 +52,7 @@ class UnixPeer(asyncio.Protocol):
         self.core = core = PeerCore(hub, hub.identity(uid, gid, pid))
         core.session.egress = self
         self.peers.add(self)
-        if not hub.has_room():
+        if len(self.peers) > hub.config.limits.max_connections:  # counts handshakes in progress
             hub.rejected_connections += 1
             core.fail(ErrorCode.CONNECTION_LIMIT,
                       f"the broker is at its limit of {hub.config.limits.max_connections} connections "
@@ -111,6 +111,13 @@ class UnixPeer(asyncio.Protocol):
                 transport.write(b"".join(out) if len(out) > 1 else out[0])
             if session.paused or not session.has_backlog or session.closing:
                 break
+        # Messages wait in bounded queues while paused, but replies (PONG, OK, ERR, NORESP) are
+        # written at once: a peer that keeps asking and never reads must not grow this buffer.
+        limit = self.hub.config.limits.max_queued_bytes_per_connection
+        if transport.get_write_buffer_size() > limit and not session.closing:
+            core.fail(ErrorCode.SLOW_CONSUMER,
+                      f"the connection stopped reading: over {limit} bytes of replies are waiting "
+                      "(limits.max_queued_bytes_per_connection)")
 
     def close(self) -> None:
         """The session failed or the broker is stopping: write what is left, then close."""

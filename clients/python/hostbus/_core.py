@@ -73,8 +73,9 @@ class ClientCore:
         self.pings: dict[int, Waiter] = {}
         self.calls: dict[int, Waiter] = {}
         self.requests: dict[str, Waiter] = {}
-        self.sids = itertools.count(1)
-        self.tokens = itertools.count(1)
+        # Subscription ids and call ids share one counter: an ERR's ref then names exactly one.
+        self.ids = itertools.count(1)
+        self.tokens = itertools.count(1)  # PING tokens
         self.req_ids = itertools.count(1)
         self.lost: HostbusError | None = None  # set once the connection is gone
         self.async_error: HostbusError | None = None  # a non-fatal error not tied to a call

@@ -231,7 +231,7 @@ class Bus:
                         max_msgs: int | None = None, max_bytes: int | None = None,
                         pending_limit: int = DEFAULT_PENDING_LIMIT) -> Subscription:
         self._core.check()
-        sid = next(self._core.sids)
+        sid = next(self._core.ids)
         frame = self._core.sub(sid, pattern, group, policy, max_msgs, max_bytes)
         sub = Subscription(self, sid, pattern, group, pending_limit)
         fut: asyncio.Future[Any] = self._loop.create_future()
@@ -252,7 +252,7 @@ class Bus:
 
     async def call(self, op: str, timeout: float | None = DEFAULT_CONTROL_TIMEOUT, **args: Any) -> dict[str, Any]:
         self._core.check()
-        call_id = next(self._core.tokens)
+        call_id = next(self._core.ids)
         fut: asyncio.Future[Any] = self._loop.create_future()
         self._core.calls[call_id] = fut
         self._send(wire.encode_call(call_id, op, args))

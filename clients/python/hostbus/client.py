@@ -127,7 +127,7 @@ class Bus:
         self._sock = sock
         self._core = ClientCore(name, self._respond)
         self._core.on_error = error_cb
-        self._lock = threading.RLock()  # guards core registration tables and sids
+        self._lock = threading.RLock()  # guards core registration tables and ids
         self._wcond = threading.Condition()
         self._wbuf = bytearray()
         self._max_buffer = max_buffer
@@ -207,7 +207,7 @@ class Bus:
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
         with self._lock:
             self._core.check()
-            sid = next(self._core.sids)
+            sid = next(self._core.ids)
             frame = self._core.sub(sid, pattern, group, policy, max_msgs, max_bytes)
             sub = Subscription(self, sid, pattern, group, pending_limit)
             self._core.sinks[sid] = sub
@@ -235,7 +235,7 @@ class Bus:
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
         with self._lock:
             self._core.check()
-            call_id = next(self._core.tokens)
+            call_id = next(self._core.ids)
             self._core.calls[call_id] = fut
         self._send(wire.encode_call(call_id, op, args))
         return _wait(fut, timeout, f"call {op!r}")  # type: ignore[no-any-return]
