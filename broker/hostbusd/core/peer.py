@@ -96,6 +96,8 @@ class PeerCore:
             wire.decode_headers(memoryview(body)[h0:h1])
         if reply:
             problem = topics.topic_problem(reply)
+            if problem is None and topics.is_reserved(reply):
+                problem = "reply subjects starting with '$' are reserved for the broker"
             if problem is not None:
                 raise InvalidTopicError(f"invalid reply subject: {problem}")
         elif flags & wire.PUB_REQUEST:
