@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import resource
 import signal
 import socket
 import subprocess
@@ -89,12 +88,9 @@ def test_broker_killed_mid_stream_then_restarted(start_daemon: Callable[..., Dae
 
 
 def test_file_descriptor_exhaustion_does_not_kill_the_broker(workdir: Path) -> None:
-    def low_limit() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))
-
     log = (workdir / "log").open("wb")
-    proc = subprocess.Popen([*HOSTBUSD, "--runtime-dir", str(workdir / "run"), "--state-dir",
-                             str(workdir / "state"), "--log-format", "json"], preexec_fn=low_limit,
+    proc = subprocess.Popen(["prlimit", "--nofile=40", "--", *HOSTBUSD, "--runtime-dir", str(workdir / "run"),
+                             "--state-dir", str(workdir / "state"), "--log-format", "json"],
                             stdout=log, stderr=subprocess.STDOUT)
     sock_path = workdir / "run" / "hostbus.sock"
     try:

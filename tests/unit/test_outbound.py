@@ -198,11 +198,13 @@ def test_drop_oldest_when_other_subscriptions_hold_the_budget() -> None:
     q = OutboundQueue(DROP_OLDEST, max_msgs=100, max_bytes=1000)
     push(q, 0, 2)
     # Room 0 and only 2 bytes of our own: the new 5-byte message cannot fit even after drops.
+    # docs/protocol.md section 13: the queue is emptied, and if the new message still does not fit
+    # (other subscriptions hold the connection budget), it is dropped too.
     delta = q.push(item(1, 5), 5, 0)
-    assert 1 not in tags(q)
-    assert q.nbytes == 2 + delta  # the delta is exactly what changed
-    check_bytes(q)
-    assert q.missed + len(q) == 2  # whatever was lost is counted
+    assert delta == -2  # the dropped message's bytes were freed, nothing was added
+    assert q.nbytes == 0
+    assert len(q) == 0
+    assert q.missed == 2  # message 0 and message 1 were both lost, and both counted
 
 
 def test_drop_oldest_with_no_room_and_empty_queue() -> None:

@@ -177,7 +177,7 @@ class Session:
 
     def take_output(self) -> list[bytes]:
         """The frames to write now (and forget); refills from the backlog while not paused."""
-        if not self.paused and self.backlog and self.out_bytes < self.batch_bytes:
+        if not self.paused and self.backlog and self.out_bytes < self.batch_bytes and not self.closing:
             self._fill_from_backlog()
         out = self.out
         self.bytes_out += self.out_bytes
