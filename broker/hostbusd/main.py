@@ -71,14 +71,16 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def prepare_dir(path: Path, mode: int) -> None:
-    """Create ``path`` with ``mode`` if missing; refuse one that others could tamper with."""
+def prepare_dir(path: Path, mode: int) -> bool:
+    """Create ``path`` with ``mode`` if missing (True if created); refuse one others could tamper with."""
     uid = os.getuid()
+    created = False
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.mkdir(path, mode)
             os.chmod(path, mode)  # the umask may have narrowed it; nothing is inside yet
+            created = True
         except FileExistsError:
             pass
     st = os.lstat(path)
@@ -90,6 +92,7 @@ def prepare_dir(path: Path, mode: int) -> None:
     if st.st_mode & 0o022:
         raise StartupError(f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}); "
                            "others could replace the socket: chmod go-w it or choose another directory")
+    return created
 
 
 def bind_socket(path: Path, mode: int) -> socket.socket:
@@ -213,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     _catch_early_signals()
     ensure_fd_limit(config.limits.max_connections, log)
     try:
-        prepare_dir(runtime_dir, dir_mode)
+        created_runtime_dir = prepare_dir(runtime_dir, dir_mode)
         prepare_dir(state_dir, 0o700)
         sock = bind_socket(sock_path, sock_mode)
     except StartupError as exc:
@@ -235,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:
             if exc.errno != errno.ENOENT:
                 log.warning("cannot_remove_socket", path=str(sock_path), error=exc.strerror)
+        if created_runtime_dir:
+            with contextlib.suppress(OSError):  # only if empty: never remove what others put there
+                runtime_dir.rmdir()
 
 
 if __name__ == "__main__":

@@ -41,15 +41,15 @@ def wait_subscribed(daemon: Daemon, n: int) -> None:
 
 
 def test_pub_and_sub_as_in_the_readme(daemon: Daemon) -> None:
-    sub = start_sub(daemon, "demo.>", "--count", "4", "--timeout", "15")
+    sub = start_sub(daemon, "demo.>", "--count", "5", "--timeout", "15")
     wait_subscribed(daemon, 1)
     assert cli(daemon, "pub", "demo.hello", "hi there").returncode == 0
     assert cli(daemon, "pub", "demo.lines", "--lines", stdin="one\ntwo\n").returncode == 0
     assert cli(daemon, "pub", "demo.stdin", stdin="all of\nstdin").returncode == 0
+    assert cli(daemon, "pub", "demo.echo", stdin="21.5\n").returncode == 0  # echo 21.5 | hostbus pub
     out, err = sub.communicate(timeout=20)
     assert sub.returncode == 0, err
-    assert out.splitlines() == ["demo.hello hi there", "demo.lines one", "demo.lines two", "demo.stdin all of",
-                                "stdin"]
+    assert out == "demo.hello hi there\ndemo.lines one\ndemo.lines two\ndemo.stdin all of\nstdin\ndemo.echo 21.5\n"
 
 
 def test_sub_json_carries_headers_and_sender(daemon: Daemon) -> None:

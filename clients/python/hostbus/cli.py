@@ -84,7 +84,8 @@ def cmd_pub(args: argparse.Namespace) -> int:
 
 def _format(msg: Message, as_json: bool) -> str:
     if not as_json:
-        return f"{msg.topic} {msg.data.decode(errors='replace')}"
+        text = msg.data.decode(errors="replace")
+        return f"{msg.topic} {text[:-1] if text.endswith(chr(10)) else text}"  # one line per message
     obj: dict[str, Any] = {
         "topic": msg.topic,
         "data": msg.data.decode(errors="replace"),
