@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -47,6 +48,32 @@ class Sink(Protocol):
     def push_many(self, msgs: list[Message]) -> None: ...
     def gap(self, missed: int) -> None: ...
     def end(self, exc: HostbusError) -> None: ...
+
+
+class SubscriptionState:
+    """What a subscription keeps in either client: its id and pattern, pending messages, losses."""
+
+    def __init__(self, sid: int, pattern: str, group: str | None, pending_limit: int) -> None:
+        self.sid = sid
+        self.pattern = pattern
+        self.group = group
+        self.pending_limit = pending_limit
+        self.missed = 0  # messages lost: dropped by the broker (GAP) or here past pending_limit
+        self._items: deque[Message] = deque()
+        self._ended: HostbusError | None = None
+
+    def _admit(self, msgs: list[Message]) -> None:
+        """Queue ``msgs`` up to ``pending_limit``; the rest are dropped and counted in ``missed``."""
+        room = self.pending_limit - len(self._items)
+        if room < len(msgs):
+            self.missed += len(msgs) - max(room, 0)
+            msgs = msgs[: max(room, 0)]
+        self._items.extend(msgs)
+
+    @property
+    def pending(self) -> int:
+        """Messages received and not yet taken."""
+        return len(self._items)
 
 
 def _settle(waiter: Waiter, result: Any = None, exc: BaseException | None = None) -> None:
@@ -283,4 +310,4 @@ def as_hostbus_error(exc: BaseException) -> HostbusError:
     return ConnectionLostError(f"connection to the broker lost: {exc}")
 
 
-__all__ = ["ClientCore", "HostbusError", "Sink", "Waiter", "as_hostbus_error"]
+__all__ = ["ClientCore", "HostbusError", "Sink", "SubscriptionState", "Waiter", "as_hostbus_error"]

@@ -10,14 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from hostbus import paths, wire
-from hostbus._core import ClientCore, as_hostbus_error
+from hostbus._core import ClientCore, SubscriptionState, as_hostbus_error
 from hostbus.client import DEFAULT_CONTROL_TIMEOUT, DEFAULT_PENDING_LIMIT
 from hostbus.errors import ClosedError, ConnectionLostError, HostbusError
 from hostbus.errors import TimeoutError as HostbusTimeoutError
@@ -33,19 +32,13 @@ async def _wait(fut: asyncio.Future[Any], timeout: float | None, what: str) -> A
         raise HostbusTimeoutError(f"{what}: no answer within {timeout} s") from None
 
 
-class Subscription:
+class Subscription(SubscriptionState):
     """Messages matching ``pattern``: ``async for msg in sub`` or ``await sub.next()``."""
 
     def __init__(self, bus: Bus, sid: int, pattern: str, group: str | None, pending_limit: int) -> None:
+        super().__init__(sid, pattern, group, pending_limit)
         self.bus = bus
-        self.sid = sid
-        self.pattern = pattern
-        self.group = group
-        self.pending_limit = pending_limit
-        self.missed = 0
-        self._items: deque[Message] = deque()
         self._waiter: asyncio.Future[None] | None = None
-        self._ended: HostbusError | None = None
 
     def _wake(self) -> None:
         w = self._waiter
@@ -53,11 +46,7 @@ class Subscription:
             w.set_result(None)
 
     def push_many(self, msgs: list[Message]) -> None:
-        room = self.pending_limit - len(self._items)
-        if room < len(msgs):
-            self.missed += len(msgs) - max(room, 0)
-            msgs = msgs[: max(room, 0)]
-        self._items.extend(msgs)
+        self._admit(msgs)
         self._wake()
 
     def gap(self, missed: int) -> None:
@@ -89,10 +78,6 @@ class Subscription:
             return await self.next()
         except ClosedError:
             raise StopAsyncIteration from None
-
-    @property
-    def pending(self) -> int:
-        return len(self._items)
 
     async def unsubscribe(self) -> None:
         if self._ended is None:

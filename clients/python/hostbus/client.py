@@ -15,14 +15,13 @@ import contextlib
 import os
 import socket as _socket
 import threading
-from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from hostbus import paths
-from hostbus._core import ClientCore, as_hostbus_error
+from hostbus._core import ClientCore, SubscriptionState, as_hostbus_error
 from hostbus.errors import ClosedError, ConnectionLostError, HostbusError
 from hostbus.errors import TimeoutError as HostbusTimeoutError
 from hostbus.message import Message
@@ -44,29 +43,19 @@ def _wait(fut: concurrent.futures.Future[Any], timeout: float | None, what: str)
         raise HostbusTimeoutError(f"{what}: no answer within {timeout} s") from None
 
 
-class Subscription:
+class Subscription(SubscriptionState):
     """Messages matching ``pattern``. Iterate over it, or call :meth:`next`."""
 
     def __init__(self, bus: Bus, sid: int, pattern: str, group: str | None, pending_limit: int) -> None:
+        super().__init__(sid, pattern, group, pending_limit)
         self.bus = bus
-        self.sid = sid
-        self.pattern = pattern
-        self.group = group
-        self.pending_limit = pending_limit
-        self.missed = 0  # messages lost: dropped by the broker (GAP) or here past pending_limit
-        self._items: deque[Message] = deque()
         self._cond = threading.Condition()
         self._waiting = False
-        self._ended: HostbusError | None = None
 
     # Sink (called by the reader thread)
     def push_many(self, msgs: list[Message]) -> None:
         with self._cond:
-            room = self.pending_limit - len(self._items)
-            if room < len(msgs):
-                self.missed += len(msgs) - max(room, 0)
-                msgs = msgs[: max(room, 0)]
-            self._items.extend(msgs)
+            self._admit(msgs)
             if self._waiting:
                 self._cond.notify()
 
@@ -107,10 +96,6 @@ class Subscription:
                 yield self.next()
             except ClosedError:
                 return
-
-    @property
-    def pending(self) -> int:
-        return len(self._items)
 
     def unsubscribe(self) -> None:
         """Stop receiving; messages already here can still be taken."""

@@ -15,28 +15,27 @@ SYSTEM_RUNTIME_DIR = Path("/run/hostbus")
 SYSTEM_STATE_DIR = Path("/var/lib/hostbus")
 
 
-def default_runtime_dir(uid: int | None = None, env: Mapping[str, str] | None = None) -> Path:
-    """``/run/hostbus`` for root, else ``$XDG_RUNTIME_DIR/hostbus``, else ``/tmp/hostbus-<uid>``."""
+def _instance_dir(system: Path, xdg_var: str, fallback: Path | None, uid: int | None,
+                  env: Mapping[str, str] | None) -> Path:
     uid = os.getuid() if uid is None else uid
     env = os.environ if env is None else env
     if uid == 0:
-        return SYSTEM_RUNTIME_DIR
-    xdg = env.get("XDG_RUNTIME_DIR")
+        return system
+    xdg = env.get(xdg_var)
     if xdg and os.path.isabs(xdg):
         return Path(xdg) / "hostbus"
-    return Path(f"/tmp/hostbus-{uid}")
+    return fallback if fallback is not None else Path.home() / ".local" / "state" / "hostbus"
+
+
+def default_runtime_dir(uid: int | None = None, env: Mapping[str, str] | None = None) -> Path:
+    """``/run/hostbus`` for root, else ``$XDG_RUNTIME_DIR/hostbus``, else ``/tmp/hostbus-<uid>``."""
+    fallback = Path(f"/tmp/hostbus-{os.getuid() if uid is None else uid}")
+    return _instance_dir(SYSTEM_RUNTIME_DIR, "XDG_RUNTIME_DIR", fallback, uid, env)
 
 
 def default_state_dir(uid: int | None = None, env: Mapping[str, str] | None = None) -> Path:
     """``/var/lib/hostbus`` for root, else ``$XDG_STATE_HOME/hostbus``, else ``~/.local/state/hostbus``."""
-    uid = os.getuid() if uid is None else uid
-    env = os.environ if env is None else env
-    if uid == 0:
-        return SYSTEM_STATE_DIR
-    xdg = env.get("XDG_STATE_HOME")
-    if xdg and os.path.isabs(xdg):
-        return Path(xdg) / "hostbus"
-    return Path.home() / ".local" / "state" / "hostbus"
+    return _instance_dir(SYSTEM_STATE_DIR, "XDG_STATE_HOME", None, uid, env)
 
 
 def default_socket(env: Mapping[str, str] | None = None) -> Path:
