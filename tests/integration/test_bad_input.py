@@ -40,6 +40,9 @@ CASES: dict[str, tuple[bool, Callable[[], bytes], int, str]] = {
     "topic_not_utf8": (True, lambda: wire.encode_pub(b"a\xff", b"x"), ErrorCode.INVALID_TOPIC, "UTF-8"),
     "block_lengths_past_end": (True, lambda: pub_block_frame(MSG_BLOCK.pack(200, 0, 0) + b"abc"),
                                ErrorCode.PROTOCOL, "only"),
+    # Regression: a PUB body shorter than the block's 8-byte header once escaped as struct.error.
+    "pub_body_shorter_than_block_header": (True, lambda: wire.frame(wire.FrameType.PUB, b"ab"),
+                                           ErrorCode.PROTOCOL, "shorter than its 8-byte header"),
     "malformed_headers": (True, lambda: wire.encode_pub(b"a", b"x", headers=b"\x05\x00\x01"),
                           ErrorCode.INVALID_HEADERS, "headers"),
     "headers_not_utf8": (True, lambda: wire.encode_pub(b"a", b"x", headers=b"\x01\x00\x01\x00\x01\x00k\xff"),

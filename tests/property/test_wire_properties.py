@@ -15,7 +15,7 @@ import struct
 from collections import Counter
 from typing import Any
 
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from hostbus import topics, wire
@@ -229,6 +229,7 @@ client_frames = st.one_of(
 
 
 @given(frames=st.lists(client_frames, max_size=12), cuts=st.lists(st.integers(0, 2000), max_size=4))
+@example(frames=[wire.frame(FrameType.PUB, b"ab")], cuts=[])  # regression: short PUB body raised struct.error
 def test_peer_core_never_raises_on_plausible_frames(frames: list[bytes], cuts: list[int]) -> None:
     """Frames that are nearly right reach deeper than garbage: SUB options, PUB blocks, CALLs."""
     hub = Hub(Config())

@@ -31,6 +31,8 @@ from hostbusd.core.router import SubscribeOptions
 from hostbusd.core.session import Session
 
 _MAX_GROUP_BYTES = 255
+_PUB = int(FrameType.PUB)
+_unpack_block = wire.frames.MSG_BLOCK.unpack_from
 
 
 def _valid_group(group: object) -> bool:
@@ -74,7 +76,7 @@ class PeerCore:
                 if not frames:
                     break
                 for ftype, flags, body in frames:
-                    if ftype == FrameType.PUB and self.state is State.OPEN:
+                    if ftype == _PUB and self.state is State.OPEN:
                         self._publish(flags, body)
                     else:
                         self._control(ftype, body)
@@ -86,9 +88,23 @@ class PeerCore:
             self.fail(ErrorCode.INVALID_TOPIC, str(exc))
 
     def _publish(self, flags: int, body: bytes) -> None:
-        topic, reply, h0, h1 = wire.split_block(body)
+        # The hot path: parse the block's lengths inline; the topic's check is cached by its bytes.
+        if len(body) < 8:
+            wire.split_block(body)  # raises: the block's 8-byte header is missing
+        tlen, rlen, hlen = _unpack_block(body, 0)
+        t1 = 8 + tlen
+        h0 = t1 + rlen
+        h1 = h0 + hlen
+        if h1 > len(body):
+            wire.split_block(body)  # raises the error that says which length is wrong
         router = self.hub.router
-        router.check_topic(topic)
+        topic = router.topic_from_wire(body[8:t1])
+        reply = ""
+        if rlen:
+            try:
+                reply = body[t1:h0].decode()
+            except UnicodeDecodeError:
+                raise InvalidTopicError("reply subject is not valid UTF-8") from None
         if h1 > h0:
             if h1 - h0 > MAX_HEADERS_BYTES:
                 raise RemoteProtocolError(f"headers block of {h1 - h0} bytes exceeds the limit of "

@@ -93,7 +93,7 @@ class Router:
         self.max_subscriptions = max_subscriptions
         self.stats = RouterStats()
         self.stats_max_topics = stats_max_topics
-        self._valid_topics: set[str] = set()
+        self._valid_topics: dict[bytes, str] = {}  # UTF-8 form -> checked topic
 
     # ---- sessions -----------------------------------------------------------------------------
 
@@ -175,10 +175,23 @@ class Router:
 
     # ---- publishing ---------------------------------------------------------------------------
 
+    def topic_from_wire(self, raw: bytes) -> str:
+        """The topic whose UTF-8 form is ``raw``, checked with :meth:`check_topic` (cached)."""
+        topic = self._valid_topics.get(raw)
+        if topic is not None:
+            return topic
+        try:
+            topic = raw.decode()
+        except UnicodeDecodeError:
+            raise InvalidTopicError("topic is not valid UTF-8", code=ErrorCode.INVALID_TOPIC) from None
+        self.check_topic(topic)
+        if len(self._valid_topics) >= _VALID_TOPIC_CACHE:
+            self._valid_topics.clear()
+        self._valid_topics[raw] = topic
+        return topic
+
     def check_topic(self, topic: str) -> None:
         """Raise if ``topic`` may not be published on by a client."""
-        if topic in self._valid_topics:
-            return
         problem = topics.topic_problem(topic)
         if problem is not None:
             raise InvalidTopicError(f"invalid topic: {problem}", code=ErrorCode.INVALID_TOPIC)
@@ -187,9 +200,6 @@ class Router:
                 f"invalid topic {topic!r}: topics starting with '$' are reserved for the broker",
                 code=ErrorCode.INVALID_TOPIC,
             )
-        if len(self._valid_topics) >= _VALID_TOPIC_CACHE:
-            self._valid_topics.clear()
-        self._valid_topics.add(topic)
 
     def publish(self, ident: Identity, topic: str, block: bytes, flags: int = 0,
                 reply: str = "", payload_len: int = 1, origin: Session | None = None) -> int:

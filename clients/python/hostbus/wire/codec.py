@@ -30,7 +30,7 @@ from hostbus.wire.frames import (
     HEADER_SIZE,
     MAX_HEADERS_BYTES,
     MSG_BLOCK,
-    MSG_PREFIX,
+    MSG_HEAD,
     SENDER,
     U16,
     U32,
@@ -53,6 +53,8 @@ NEED_DATA: Final = _NeedData()
 
 _unpack_header = HEADER.unpack_from
 _pack_header = HEADER.pack
+_pack_msg_head = MSG_HEAD.pack
+_MSG = int(FrameType.MSG)
 
 
 class Decoder:
@@ -247,7 +249,7 @@ def encode_gap(sid: int, missed: int) -> bytes:
 
 def msg_header(sid: int, sender_ref: int, block_len: int, flags: int = 0) -> bytes:
     """The MSG frame up to the message block; the block follows it unchanged."""
-    return _pack_header(block_len + 14, FrameType.MSG, flags) + MSG_PREFIX.pack(sid, sender_ref)
+    return _pack_msg_head(block_len + 14, _MSG, flags, sid, sender_ref)
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,6 +24,8 @@ HANDSHAKE_MAX_FRAME = 64 * 1024
 MSG_BLOCK = struct.Struct("<HHI")
 #: MSG prefix: ``u32 sid, u64 sender_ref``.
 MSG_PREFIX = struct.Struct("<IQ")
+#: The whole MSG frame before its message block, packed in one call: header + MSG_PREFIX.
+MSG_HEAD = struct.Struct("<IBBIQ")
 #: SENDER: ``u64 ref, u32 uid, u32 gid, u32 pid`` then the UTF-8 origin (empty for socket peers).
 SENDER = struct.Struct("<QIII")
 #: ERR: ``u16 code, u32 ref`` then a UTF-8 message.
