@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import struct
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -33,7 +34,7 @@ _MAX_INBOUND_FRAME = (1 << 30) + 1024
 _TOPIC_CACHE = 4096
 
 _U32 = wire.frames.U32
-_MSG_PREFIX = wire.frames.MSG_PREFIX
+_MSG_FIXED = struct.Struct("<IQHHI")  # MSG prefix (sid, sender ref) + message block header
 
 
 class Waiter(Protocol):
@@ -108,6 +109,7 @@ class ClientCore:
         self.async_error: HostbusError | None = None  # a non-fatal error not tied to a call
         self.on_error: Callable[[HostbusError], None] | None = None
         self._topic_bytes: dict[str, bytes] = {}
+        self._topic_str: dict[bytes, str] = {}  # received topics, decoded once
 
     # ---- encoding ------------------------------------------------------------------------------
 
@@ -191,10 +193,22 @@ class ClientCore:
         batches.clear()
 
     def _msg(self, flags: int, body: bytes, batches: dict[int, list[Message]]) -> None:
-        if len(body) < 12:
-            raise RemoteProtocolError("MSG frame too short")
-        sid, ref = _MSG_PREFIX.unpack_from(body, 0)
-        topic, reply, h0, h1 = wire.split_block(body, 12)
+        if len(body) < 20:
+            raise RemoteProtocolError("MSG frame too short for its 12-byte prefix and 8-byte block header")
+        sid, ref, tlen, rlen, hlen = _MSG_FIXED.unpack_from(body, 0)
+        t1 = 20 + tlen
+        h0 = t1 + rlen
+        h1 = h0 + hlen
+        if h1 > len(body):
+            wire.split_block(body, 12)  # raises the error that says which length is wrong
+        raw_topic = body[20:t1]
+        topic = self._topic_str.get(raw_topic)
+        if topic is None:
+            topic, reply, _, _ = wire.split_block(body, 12)  # decodes and checks UTF-8
+            if len(self._topic_str) >= _TOPIC_CACHE:
+                self._topic_str.clear()
+            self._topic_str[raw_topic] = topic
+        reply = body[t1:h0].decode(errors="replace") if rlen else ""
         sender = self.senders.get(ref)
         if sender is None:
             raise RemoteProtocolError(f"MSG names sender {ref}, which was never announced")
