@@ -140,6 +140,8 @@ def test_disconnect_policy_ends_the_slow_consumer_only(limited: Daemon) -> None:
         stalled.close()
         assert code == ErrorCode.SLOW_CONSUMER
         assert "overflowed" in message
+        assert other.stats()["peer_errors"] == 1  # counted, and logged:
+        assert '"code": "SLOW_CONSUMER"' in limited.log()
         got = 0
         while True:
             try:
@@ -172,7 +174,8 @@ def test_gap_reaches_the_library_subscriber(limited: Daemon) -> None:
 
 
 def test_a_peer_that_asks_but_never_reads_is_closed(start_daemon: Callable[..., Daemon]) -> None:
-    d = start_daemon({"limits": {"max_queued_bytes_per_connection": 64 * 1024, "close_timeout": 0.5}})
+    d = start_daemon({"limits": {"max_queued_bytes_per_connection": 64 * 1024, "max_frame_bytes": 64 * 1024,
+                                 "write_batch_bytes": 4096, "close_timeout": 0.5}})
     raw = RawClient(d.socket)
     raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
     pings = b"".join(wire.encode_u32(wire.FrameType.PING, i) for i in range(1, 200_001))
@@ -189,3 +192,100 @@ def test_a_peer_that_asks_but_never_reads_is_closed(start_daemon: Callable[..., 
     assert st["connections"] == 1  # only this one: the non-reader was closed
     assert st["peer_errors"] == 1
     assert "stopped reading" in d.log()
+
+
+def test_half_closed_non_reader_is_dropped_not_kept(start_daemon: Callable[..., Daemon]) -> None:
+    # Regression: a subscriber that stopped reading and then shut down its write side stayed
+    # connected forever while its unsent output grew without bound.
+    d = start_daemon({"limits": {"close_timeout": 0.5}})
+    raw = stalled_subscriber(d, "t.>", "drop-oldest")
+    with d.connect("pub") as pub:
+        for _ in range(2000):
+            pub.publish("t.x", b"\0" * 1024)  # fill its socket buffer and some of ours
+        pub.flush()
+        raw.sock.shutdown(socket.SHUT_WR)
+        for _ in range(200):
+            if pub.stats()["connections"] == 1:
+                break
+            threading.Event().wait(0.02)
+        assert pub.stats()["connections"] == 1
+        for _ in range(20_000):
+            pub.publish("t.x", b"\0" * 1024)
+        pub.flush()
+        st = pub.stats()
+    raw.close()
+    assert st["connections"] == 1
+    assert st["subscriptions"] == 0
+    assert d.status()["VmRSS"] < 200 * 1024  # 20 MB more went out; none of it was kept for the dead peer
+
+
+def test_queue_group_skips_a_member_that_failed(start_daemon: Callable[..., Daemon]) -> None:
+    # Regression: a member that had failed kept receiving its share until its transport closed.
+    d = start_daemon({"limits": {"close_timeout": 5}})
+    with d.connect("healthy") as healthy_bus, d.connect("pub") as pub:
+        healthy = healthy_bus.subscribe("jobs", group="workers", pending_limit=10_000)
+        raw = RawClient(d.socket)
+        raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+        raw.send(wire.encode_sub(1, {"pattern": "jobs", "group": "workers"}))
+        assert raw.read_until(wire.FrameType.OK) is not None
+        for i in range(200):  # fill the raw member's buffers so its close will linger
+            pub.publish("jobs", i.to_bytes(4, "little") + b"\0" * 4096)
+        pub.flush()
+        got_before = 0
+        while True:
+            try:
+                healthy.next(timeout=0.5)
+                got_before += 1
+            except hostbus.TimeoutError:
+                break
+        raw.send(wire.frame(0x7F))  # fatal for the raw member
+        pub.flush()
+        for _ in range(1000):
+            pub.publish("jobs", b"after")
+        pub.flush()
+        after = 0
+        while after < 1000:
+            assert healthy.next(timeout=5).data == b"after"
+            after += 1
+        raw.close()
+        assert got_before > 0
+
+
+def test_slowly_arriving_frames_are_not_a_stall(start_daemon: Callable[..., Daemon]) -> None:
+    # Regression: the frame timer ran from the first partial read and was only reset when a read
+    # ended on a frame boundary, so a peer whose frames all completed promptly was cut off.
+    d = start_daemon({"limits": {"frame_timeout": 1.0}})
+    with d.connect("sub") as sub_bus:
+        sub = sub_bus.subscribe("slow")
+        raw = RawClient(d.socket)
+        frame = wire.encode_pub(b"slow", b"x" * 20)
+        half = len(frame) // 2
+        raw.send(frame[:half])
+        for _ in range(8):  # 2.4 s in all, each frame completed 0.3 s after it began
+            threading.Event().wait(0.3)
+            raw.send(frame[half:] + frame[:half])
+        raw.send(frame[half:] + wire.encode_u32(wire.FrameType.PING, 9))
+        pong = raw.read_until(wire.FrameType.PONG)
+        assert pong is not None, "the broker closed a peer whose frames were all progressing"
+        raw.close()
+        assert sum(1 for _ in iter(lambda: _next_or_none(sub), None)) == 9
+
+
+def _next_or_none(sub: hostbus.Subscription) -> hostbus.Message | None:
+    try:
+        return sub.next(timeout=1)
+    except hostbus.TimeoutError:
+        return None
+
+
+def test_one_message_larger_than_the_queue_budget_reaches_a_reading_subscriber(
+        start_daemon: Callable[..., Daemon]) -> None:
+    # Regression: the bound meant for unread replies counted message bytes too.
+    d = start_daemon({"limits": {"max_queued_bytes_per_connection": 1024 * 1024, "max_frame_bytes": 4 * MiB}})
+    with d.connect("sub") as sub_bus, d.connect("pub") as pub:
+        sub = sub_bus.subscribe("big", max_bytes=1024 * 1024)
+        payload = b"\1" * (3 * MiB)
+        pub.publish("big", payload)
+        assert sub.next(timeout=10).data == payload
+        sub_bus.flush()
+        assert pub.stats()["peer_errors"] == 0

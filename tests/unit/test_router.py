@@ -85,7 +85,9 @@ class Peer:
         return str(self.welcome["inbox"])
 
     def send(self, *frames: bytes) -> None:
-        self.core.receive(b"".join(frames))
+        if self.core.receive(b"".join(frames)):
+            while self.core.process():  # the rest of a turn-limited batch
+                pass
 
     def read(self) -> list[Frame]:
         """Every frame the session has for its transport now. Checks the SENDER protocol."""
@@ -484,6 +486,48 @@ def test_queue_group_member_closing(hub: Hub) -> None:
     for i in range(3):
         p.pub("q", b"%d" % i)
     assert len(b.msgs()) == 3
+
+
+def test_queue_group_skips_a_member_that_failed_before_its_transport_closed(hub: Hub) -> None:
+    # Regression: a failed member stayed in the group until connection_lost, taking its turn.
+    a, b = Peer(hub), Peer(hub)
+    a.subscribed(1, "q", group="g")
+    b.subscribed(1, "q", group="g")
+    a.send(wire.frame(0x7F))  # fatal for a; its transport (a no-op here) never reports the close
+    assert a.session.closing
+    p = Peer(hub)
+    for i in range(4):
+        p.pub("q", b"%d" % i)
+    assert [m.payload for m in b.msgs()] == [b"0", b"1", b"2", b"3"]
+    assert hub.stats()["connections"] == 2  # b and p
+
+
+def test_disconnect_overflow_is_counted_as_a_peer_error(hub: Hub) -> None:
+    s = Peer(hub)
+    s.subscribed(1, "t", policy="disconnect", max_msgs=1)
+    s.session.paused = True
+    p = Peer(hub)
+    for _ in range(3):
+        p.pub("t", b"x")
+    assert s.session.closing
+    assert hub.stats()["peer_errors"] == 1
+    assert hub.stats()["subscriptions"] == 0
+
+
+def test_a_turn_has_a_work_budget_and_the_rest_follows(hub: Hub) -> None:
+    from hostbusd.core.peer import TURN_BUDGET
+
+    s = Peer(hub)
+    s.subscribed(1, "t")
+    p = Peer(hub)
+    n = TURN_BUDGET  # each PUB costs 2 units here (itself and one delivery)
+    more = p.core.receive(b"".join(wire.encode_pub(b"t", b"%d" % i) for i in range(n)))
+    assert more
+    first = len(s.msgs())
+    assert first == n // 2
+    while p.core.process():
+        pass
+    assert first + len(s.msgs()) == n
 
 
 # ---- retained --------------------------------------------------------------------------------------
@@ -1226,7 +1270,7 @@ def test_stats_survive_closed_sessions_and_count_peer_errors(hub: Hub) -> None:
     bad.send(wire.encode_sub(1, {"pattern": "_INBOX.>"}))
     p.send(wire.encode_sub(1, {"pattern": "_INBOX.>"}))
     st = hub.stats()
-    assert st["connections"] == 2  # p and bad: a failed peer stays until its transport closes it
+    assert st["connections"] == 1  # only p: a failed peer is detached at once, before its transport closes
     assert st["connections_total"] == 3
     assert st["subscriptions"] == 0
     assert st["messages"]["out"] == 1

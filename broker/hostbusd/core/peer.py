@@ -14,6 +14,12 @@ CLOSED         none (input ignored)                         --
 
 Anything else, and any malformed frame, ends the connection with a fatal ERR frame naming the
 problem: the peer's fault never reaches another peer.
+
+Fairness: one call handles at most :data:`TURN_BUDGET` units of work (a frame is one unit, plus
+one per message it hands out: fan-out deliveries, retained messages for a new subscription).
+When the budget runs out, :meth:`PeerCore.process` returns True and the transport stops reading
+from this peer and calls it again on the next loop iteration, so a peer that sends a flood of
+expensive frames takes turns with everyone else instead of stalling the loop.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from hostbusd.core.router import SubscribeOptions
 from hostbusd.core.session import Session
 
 _MAX_GROUP_BYTES = 255
+#: Units of work one peer may do before the loop serves others (see the module docstring).
+TURN_BUDGET = 20_000
 _PUB = int(FrameType.PUB)
 _unpack_block = wire.frames.MSG_BLOCK.unpack_from
 
@@ -51,43 +59,64 @@ class State(enum.Enum):
 
 
 class PeerCore:
-    __slots__ = ("decoder", "hub", "session", "state")
+    __slots__ = ("_frames", "_next", "decoder", "frames_done", "hub", "session", "state")
 
     def __init__(self, hub: Hub, ident: Identity) -> None:
         self.hub = hub
         self.session: Session = hub.new_session(ident)
+        self.session.on_fail = self._failed
         self.decoder = wire.Decoder(wire.CLIENT_FRAMES, wire.HANDSHAKE_MAX_FRAME)
         self.state = State.HELLO
+        self.frames_done = 0  # frames handled so far (the transport's frame timer watches it)
+        self._frames: list[wire.Frame] = []  # decoded, not yet handled (budget ran out)
+        self._next = 0
 
     @property
     def partial(self) -> bool:
         """A frame has begun but not completed."""
         return self.decoder.buffered > 0
 
-    def receive(self, data: bytes) -> None:
+    def receive(self, data: bytes) -> bool:
+        """Take bytes and handle the frames in them; True if work is left for :meth:`process`."""
         if self.state is State.CLOSED:
-            return
-        dec = self.decoder
-        dec.feed(data)
+            return False
+        self.decoder.feed(data)
+        return self.process()
+
+    def process(self) -> bool:
+        """Handle buffered frames within one turn's budget; True if some are left."""
+        budget = TURN_BUDGET
         session = self.session
         try:
-            while True:
-                frames = dec.frames()
-                if not frames:
-                    break
-                for ftype, flags, body in frames:
+            while budget > 0:
+                frames = self._frames
+                i = self._next
+                if i >= len(frames):
+                    frames = self._frames = self.decoder.frames()
+                    i = 0
+                    if not frames:
+                        self._next = 0
+                        return False
+                n = len(frames)
+                while i < n and budget > 0:
+                    ftype, flags, body = frames[i]
+                    i += 1
+                    self._next = i
+                    self.frames_done += 1
                     if ftype == _PUB and self.state is State.OPEN:
-                        self._publish(flags, body)
+                        budget -= 1 + self._publish(flags, body)
                     else:
-                        self._control(ftype, body)
+                        budget -= 1 + self._control(ftype, body)
                     if session.closing:
-                        return
+                        return False
+            return True
         except RemoteProtocolError as exc:
             self.fail(exc.code or ErrorCode.PROTOCOL, str(exc))
         except InvalidTopicError as exc:
             self.fail(ErrorCode.INVALID_TOPIC, str(exc))
+        return False
 
-    def _publish(self, flags: int, body: bytes) -> None:
+    def _publish(self, flags: int, body: bytes) -> int:
         # The hot path: parse the block's lengths inline; the topic's check is cached by its bytes.
         if len(body) < 8:
             wire.split_block(body)  # raises: the block's 8-byte header is missing
@@ -122,12 +151,14 @@ class PeerCore:
         session.msgs_in += 1
         session.bytes_in += len(body)
         try:
-            router.publish(session.ident, topic, body, flags, reply, len(body) - h1, session)
+            return router.publish(session.ident, topic, body, flags, reply, len(body) - h1, session)
         except HostbusError as exc:  # a limit of the retained store: tell the publisher, go on
             self.hub.peer_error("retained_limit", session, topic=topic)
             session.send(wire.encode_err(exc.code or ErrorCode.LIMIT, 0, str(exc), fatal=False))
+            return 0
 
-    def _control(self, ftype: int, body: bytes) -> None:
+    def _control(self, ftype: int, body: bytes) -> int:
+        """Handle a frame other than PUB; returns the messages it handed out (its extra work)."""
         if self.state is State.HELLO:
             if ftype != FrameType.HELLO:
                 raise RemoteProtocolError(
@@ -135,7 +166,7 @@ class PeerCore:
                 )
             self._hello(body)
         elif ftype == FrameType.SUB:
-            self._subscribe(body)
+            return self._subscribe(body)
         elif ftype == FrameType.UNSUB:
             sid, _ = wire.split_u32(body)
             self.hub.router.unsubscribe(self.session, sid)
@@ -147,6 +178,7 @@ class PeerCore:
         else:
             raise RemoteProtocolError(f"{FrameType(ftype).name} is not allowed after the handshake",
                                       code=ErrorCode.PROTOCOL)
+        return 0
 
     def _hello(self, body: bytes) -> None:
         hello = wire.decode_json_obj(body)
@@ -164,7 +196,7 @@ class PeerCore:
         self.decoder.max_frame = self.hub.config.limits.max_frame_bytes
         self.state = State.OPEN
 
-    def _subscribe(self, body: bytes) -> None:
+    def _subscribe(self, body: bytes) -> int:
         sid, raw = wire.split_u32(body)
         if sid == 0:
             raise RemoteProtocolError("SUB with sid 0: sid 0 is reserved for the reply inbox")
@@ -172,12 +204,13 @@ class PeerCore:
         session = self.session
         try:
             opts = self._sub_options(obj)
-            self.hub.router.subscribe(session, sid, opts)
+            _, delivered = self.hub.router.subscribe(session, sid, opts)
         except HostbusError as exc:
             self.hub.peer_error("subscribe_refused", session, sid=sid, reason=str(exc))
             session.send(wire.encode_err(exc.code or ErrorCode.INVALID_ARGUMENT, sid, str(exc), fatal=False))
-            return
+            return 0
         session.send(wire.encode_u32(FrameType.OK, sid))
+        return delivered
 
     def _sub_options(self, obj: dict[str, Any]) -> SubscribeOptions:
         cfg = self.hub.config
@@ -218,9 +251,20 @@ class PeerCore:
 
     def fail(self, code: int, message: str, *, peer_fault: bool = True) -> None:
         """End this peer with a fatal error; a fault of its own is logged (rate-limited)."""
+        self.session.fail(code, message, peer_fault)
+
+    def end(self) -> None:
+        """The peer closed its side: forget it now (nothing more is routed to it)."""
+        self._failed(0, "", peer_fault=False)
+        self.session.closing = True
+
+    def _failed(self, code: int, message: str, peer_fault: bool) -> None:
+        """The session is ending: stop handling input, detach it from the router, log a fault."""
         if self.state is State.CLOSED:
             return
         self.state = State.CLOSED
+        self._frames = []
+        self._next = 0
         if peer_fault:
             self.hub.peer_error("peer_error", self.session, code=ErrorCode(code).name, error=message)
-        self.session.fail(code, message)
+        self.hub.close(self.session)

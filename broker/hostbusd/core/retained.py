@@ -2,17 +2,30 @@
 
 A publish with the retain flag replaces the topic's stored message; one with an empty payload
 deletes it (the MQTT convention). New plain subscriptions receive the stored messages that
-match their pattern before anything else. Lookup at subscribe time scans the store: it is
-bounded by ``retained.max_topics`` and subscribing is rare next to publishing.
+match their pattern before anything else.
+
+The store is a token trie, so finding the messages for a pattern walks only the branches the
+pattern can match: a subscription that matches nothing costs a few dictionary lookups however
+many topics are retained, and one that matches k topics costs about k steps (``*`` and ``>``
+visit the children they match, which are exactly the candidates).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-from hostbus import topics
 from hostbus.errors import ErrorCode, LimitExceededError
 from hostbusd.core.identity import Identity
+
+Item = tuple[Identity, bytes]
+
+
+class _Node:
+    __slots__ = ("children", "item")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Node] = {}
+        self.item: Item | None = None
 
 
 class RetainedStore:
@@ -20,23 +33,31 @@ class RetainedStore:
         self.max_topics = max_topics
         self.max_bytes = max_bytes
         self.nbytes = 0
-        self._items: dict[str, tuple[Identity, bytes]] = {}
+        self._count = 0
+        self._root = _Node()
 
     def __len__(self) -> int:
-        return len(self._items)
+        return self._count
+
+    def _find(self, topic: str) -> _Node | None:
+        node: _Node | None = self._root
+        for tok in topic.split("."):
+            node = node.children.get(tok) if node is not None else None
+        return node
 
     def put(self, topic: str, ident: Identity, block: bytes, payload_len: int) -> None:
         """Store (or with an empty payload, delete); raises LimitExceededError when full."""
-        old = self._items.get(topic)
+        node = self._find(topic)
+        old = node.item if node is not None else None
         old_size = len(old[1]) if old else 0
         if payload_len == 0:
             if old:
-                del self._items[topic]
+                self._delete(topic)
                 self.nbytes -= old_size
             return
-        if old is None and len(self._items) >= self.max_topics:
+        if old is None and self._count >= self.max_topics:
             raise LimitExceededError(
-                f"retained store holds {len(self._items)} topics, the limit (retained.max_topics); "
+                f"retained store holds {self._count} topics, the limit (retained.max_topics); "
                 f"{topic!r} was delivered but not retained",
                 code=ErrorCode.LIMIT,
             )
@@ -46,10 +67,55 @@ class RetainedStore:
                 f"{topic!r} was delivered but not retained",
                 code=ErrorCode.LIMIT,
             )
-        self._items[topic] = (ident, block)
+        if node is None:
+            node = self._root
+            for tok in topic.split("."):
+                child = node.children.get(tok)
+                if child is None:
+                    child = node.children[tok] = _Node()
+                node = child
+        if old is None:
+            self._count += 1
+        node.item = (ident, block)
         self.nbytes += len(block) - old_size
 
-    def matching(self, pattern: str) -> Iterator[tuple[Identity, bytes]]:
-        for topic, item in self._items.items():
-            if topics.matches(pattern, topic):
-                yield item
+    def _delete(self, topic: str) -> None:
+        path: list[tuple[_Node, str]] = []
+        node = self._root
+        for tok in topic.split("."):
+            path.append((node, tok))
+            node = node.children[tok]
+        node.item = None
+        self._count -= 1
+        while path and node.item is None and not node.children:  # prune empty branches
+            parent, tok = path.pop()
+            del parent.children[tok]
+            node = parent
+
+    def matching(self, pattern: str) -> Iterator[Item]:
+        """The stored messages whose topic matches ``pattern`` (a leading wildcard skips '$')."""
+        tokens = pattern.split(".")
+        last = len(tokens) - 1
+        stack: list[tuple[_Node, int]] = [(self._root, 0)]
+        while stack:
+            node, i = stack.pop()
+            tok = tokens[i]
+            if tok == ">":
+                below = [c for name, c in node.children.items() if not (i == 0 and name.startswith("$"))]
+                while below:  # every topic under here, at least one token deeper
+                    n = below.pop()
+                    if n.item is not None:
+                        yield n.item
+                    below.extend(n.children.values())
+                continue
+            if tok == "*":
+                children = [c for name, c in node.children.items() if not (i == 0 and name.startswith("$"))]
+            else:
+                child = node.children.get(tok)
+                children = [child] if child is not None else []
+            for child in children:
+                if i == last:
+                    if child.item is not None:
+                        yield child.item
+                else:
+                    stack.append((child, i + 1))

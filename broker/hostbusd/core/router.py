@@ -51,7 +51,7 @@ class QueueGroup:
         start = self.next
         for k in range(n):
             sub = members[(start + k) % n]
-            if not sub.session.paused:
+            if not sub.session.paused and not sub.session.closing:
                 self.next = (start + k + 1) % n
                 return sub
         self.next = (start + 1) % n
@@ -114,8 +114,11 @@ class Router:
 
     # ---- subscriptions ------------------------------------------------------------------------
 
-    def subscribe(self, session: Session, sid: int, opts: SubscribeOptions) -> Subscription:
-        """Add a subscription and deliver matching retained messages to it first."""
+    def subscribe(self, session: Session, sid: int, opts: SubscribeOptions) -> tuple[Subscription, int]:
+        """Add a subscription and deliver matching retained messages to it first.
+
+        Returns the subscription and how many retained messages it was handed (the work done).
+        """
         pattern = opts.pattern
         problem = topics.pattern_problem(pattern)
         if problem is not None:
@@ -137,6 +140,7 @@ class Router:
             )
         sub = Subscription(session, sid, pattern, opts.group,
                            OutboundQueue(opts.policy, opts.max_msgs, opts.max_bytes))
+        delivered = 0
         session.subs[sid] = sub
         if opts.group:
             key = (opts.group, pattern)
@@ -149,7 +153,8 @@ class Router:
             self.index.add(pattern, sub)
             for ident, block in self.retained.matching(pattern):
                 session.deliver(sub, ident, block, wire.MSG_RETAINED)
-        return sub
+                delivered += 1
+        return sub, delivered
 
     def unsubscribe(self, session: Session, sid: int) -> bool:
         sub = session.subs.pop(sid, None)

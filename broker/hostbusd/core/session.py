@@ -14,6 +14,7 @@ and "close me".
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol
 
 from hostbus import wire
@@ -84,6 +85,7 @@ class Session:
         "msgs_in",
         "msgs_out",
         "name",
+        "on_fail",
         "out",
         "out_bytes",
         "paused",
@@ -95,6 +97,9 @@ class Session:
         self.ident = ident
         self.name = ""
         self.egress: Egress = _NullEgress()
+        # Called once when the session fails (code, message, peer_fault), before the egress closes:
+        # the owner detaches it from the router at once, so nothing is routed to a dying peer.
+        self.on_fail: Callable[[int, str, bool], None] | None = None
         self.subs: dict[int, Subscription] = {}
         self.inbox: Subscription | None = None
         self.inbox_token = ""
@@ -217,12 +222,14 @@ class Session:
 
     # ---- ending --------------------------------------------------------------------------------
 
-    def fail(self, code: int, message: str) -> None:
+    def fail(self, code: int, message: str, peer_fault: bool = True) -> None:
         """End this peer: a fatal ERR frame, then close. Later deliveries are ignored."""
         if self.closing:
             return
         self._append(wire.encode_err(code, 0, message, fatal=True))
         self.closing = True
+        if self.on_fail is not None:
+            self.on_fail(code, message, peer_fault)
         self.egress.close()
 
     @property

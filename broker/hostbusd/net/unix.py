@@ -40,6 +40,8 @@ class UnixPeer(asyncio.Protocol):
         self.since = self.loop.time()  # accepted at
         self.partial_since: float | None = None
         self._abort_handle: asyncio.TimerHandle | None = None
+        self._reading_paused = False  # by us: this peer's turn's work budget ran out
+        self._eof = False
         self.closed = asyncio.Event()
 
     # ---- asyncio.Protocol ----------------------------------------------------------------------
@@ -61,15 +63,50 @@ class UnixPeer(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         core = self.core
         assert core is not None
-        core.receive(data)
+        before = core.frames_done
+        self._after_input(before, core.receive(data))
+
+    def _continue(self) -> None:
+        core = self.core
+        if core is None or self.transport is None or self.transport.is_closing():
+            return
+        before = core.frames_done
+        self._after_input(before, core.process())
+
+    def _after_input(self, frames_before: int, more: bool) -> None:
+        core = self.core
+        transport = self.transport
+        assert core is not None and transport is not None
+        if more:  # out of budget: let the others have the loop, then go on
+            if not self._reading_paused and not transport.is_closing():
+                transport.pause_reading()
+                self._reading_paused = True
+            self.loop.call_soon(self._continue)
+            return
+        if self._eof:
+            self._end()
+            return
+        if self._reading_paused and not transport.is_closing():
+            transport.resume_reading()
+            self._reading_paused = False
+        # The frame timer measures how long the frame now being received has been incomplete.
         if core.partial:
-            if self.partial_since is None:
+            if self.partial_since is None or core.frames_done != frames_before:
                 self.partial_since = self.loop.time()
         else:
             self.partial_since = None
 
     def eof_received(self) -> bool:
-        return False  # close our side too
+        """The peer closed its side: finish the frames it sent, then close ours."""
+        self._eof = True
+        if not self._reading_paused:  # no work left over from the budget
+            self._end()
+        return True  # we close the transport ourselves
+
+    def _end(self) -> None:
+        if self.core is not None:
+            self.core.end()
+        self.close()
 
     def pause_writing(self) -> None:
         if self.core is not None:
@@ -101,7 +138,11 @@ class UnixPeer(asyncio.Protocol):
     def flush(self) -> None:
         transport = self.transport
         core = self.core
-        if transport is None or core is None or transport.is_closing():
+        if transport is None or core is None:
+            return
+        if transport.is_closing():
+            if not core.session.closing:  # closed under us: route nothing more to it
+                core.end()
             return
         session = core.session
         session.flush_pending = False
@@ -113,11 +154,14 @@ class UnixPeer(asyncio.Protocol):
                 break
         # Messages wait in bounded queues while paused, but replies (PONG, OK, ERR, NORESP) are
         # written at once: a peer that keeps asking and never reads must not grow this buffer.
-        limit = self.hub.config.limits.max_queued_bytes_per_connection
-        if transport.get_write_buffer_size() > limit and not session.closing:
+        # Message bytes alone stay below one write batch plus one message past the transport's
+        # high-water mark, so only replies can pass this bound.
+        lim = self.hub.config.limits
+        bound = lim.max_queued_bytes_per_connection + lim.max_frame_bytes + lim.write_batch_bytes
+        if transport.get_write_buffer_size() > bound and not session.closing:
             core.fail(ErrorCode.SLOW_CONSUMER,
-                      f"the connection stopped reading: over {limit} bytes of replies are waiting "
-                      "(limits.max_queued_bytes_per_connection)")
+                      f"the connection stopped reading: over {bound} bytes of replies are waiting "
+                      "(limits.max_queued_bytes_per_connection + max_frame_bytes + write_batch_bytes)")
 
     def close(self) -> None:
         """The session failed or the broker is stopping: write what is left, then close."""
