@@ -29,10 +29,10 @@ def test_bounds_refuse_new_topics_and_oversize() -> None:
     store = RetainedStore(2, 10)
     store.put("a", ME, b"12345", 5)
     store.put("b", ME, b"1", 1)
-    with pytest.raises(LimitExceededError, match="retained.max_topics"):
+    with pytest.raises(LimitExceededError, match=r"retained\.max_topics"):
         store.put("c", ME, b"1", 1)
     store.put("a", ME, b"123456789", 9)  # replacing is allowed within bytes
-    with pytest.raises(LimitExceededError, match="retained.max_bytes"):
+    with pytest.raises(LimitExceededError, match=r"retained\.max_bytes"):
         store.put("b", ME, b"12", 2)
     assert len(store) == 2 and store.nbytes == 10
 
