@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 MiB = 1024 * 1024
 
@@ -34,6 +34,14 @@ class SocketConfig(_Section):
         "Default: 0o600 for a user instance, 0o666 for root's system instance (any local user may connect; "
         "who may do what is decided per message from the kernel-verified identity).",
     )
+
+    @field_validator("dir_mode")
+    @classmethod
+    def _not_writable_by_others(cls, mode: int | None) -> int | None:
+        if mode is not None and mode & 0o022:
+            raise ValueError(f"0o{mode:o} lets group or others write the directory and replace the "
+                             "socket; allowed: a mode without group/other write bits, such as 0o755 or 0o750")
+        return mode
 
 
 class LimitsConfig(_Section):
@@ -170,7 +178,10 @@ def parse(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> Conf
     for key, value in (overrides or {}).items():
         section, _, name = key.partition(".")
         if name:
-            merged[section] = {**merged.get(section, {}), name: value}
+            table = merged.get(section, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"{section} = {table!r}: must be a table ([{section}]), not a value")
+            merged[section] = {**table, name: value}
         else:
             merged[key] = value
     try:

@@ -142,8 +142,8 @@ def ensure_fd_limit(max_connections: int, log: Any) -> None:
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if soft != resource.RLIM_INFINITY and soft < needed:
         log.warning("fd_limit_low", rlimit_nofile=soft, max_connections=max_connections,
-                    detail="connections past the file descriptor limit wait in the listen backlog; "
-                    "lower limits.max_connections or raise LimitNOFILE")
+                    detail="past the file descriptor limit, new connections are accepted and closed at "
+                    "once with no error frame; lower limits.max_connections or raise LimitNOFILE")
 
 
 def resolve_dirs(config: Config) -> tuple[Path, Path]:

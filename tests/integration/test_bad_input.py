@@ -148,3 +148,16 @@ def test_client_library_raises_on_broker_error(fast_daemon: Daemon) -> None:
     with pytest.raises(hostbus.ConnectionLostError):
         bus.publish("ok", b"")
     bus.close()
+
+
+def test_error_texts_stay_small_whatever_was_sent(fast_daemon: Daemon) -> None:
+    # Regression: the refusal of an 8 MiB pattern quoted it whole (4x larger, in the reply and the log).
+    raw = RawClient(fast_daemon.socket)
+    raw.send(wire.encode_sub(3, {"pattern": "\x7f" * 1_000_000}))
+    err = raw.read_until(wire.FrameType.ERR)
+    assert err is not None
+    code, ref, message = wire.decode_err(err.body)
+    assert (code, ref) == (ErrorCode.INVALID_TOPIC, 3)
+    assert len(message) < 300 and "1000000 characters" in message
+    raw.close()
+    assert max(len(line) for line in fast_daemon.log().splitlines()) < 1000

@@ -222,3 +222,19 @@ def test_nothing_is_left_after_stop(daemon: Daemon) -> None:
 def test_module_entry_point_version() -> None:
     r = subprocess.run([sys.executable, "-m", "hostbusd", "--version"], capture_output=True, text=True)
     assert r.stdout.strip().startswith("hostbusd ")
+
+
+def test_config_refuses_a_runtime_dir_mode_others_could_write(workdir: Path) -> None:
+    cfg = workdir / "c.toml"
+    cfg.write_text("[socket]\ndir_mode = 0o770\n")
+    r = run_daemon("--config", str(cfg), "--check-config")
+    assert r.returncode == 2
+    assert "socket.dir_mode = 504" in r.stderr and "0o770 lets group or others write" in r.stderr
+
+
+def test_a_value_where_a_table_belongs_is_a_config_error_with_flags_too(workdir: Path) -> None:
+    cfg = workdir / "c.toml"
+    cfg.write_text("log = 5\n")
+    r = run_daemon("--config", str(cfg), "--log-level", "debug", "--check-config")
+    assert r.returncode == 2
+    assert "log = 5: must be a table" in r.stderr

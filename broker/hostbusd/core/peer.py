@@ -245,7 +245,7 @@ class PeerCore:
         elif op == "whoami":
             result = self.hub.welcome(session, f"_INBOX.{session.inbox_token}")
         else:
-            session.send(wire.encode_err(ErrorCode.INVALID_ARGUMENT, call_id, f"unknown CALL op {op!r}", False))
+            session.send(wire.encode_err(ErrorCode.INVALID_ARGUMENT, call_id, f"unknown CALL op {str(op)[:64]!r}; known: stats, whoami", False))
             return
         session.send(wire.encode_json(FrameType.RESULT, result, wire.frames.U32.pack(call_id)))
 
