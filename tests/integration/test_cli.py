@@ -49,7 +49,7 @@ def test_pub_and_sub_as_in_the_readme(daemon: Daemon) -> None:
     assert cli(daemon, "pub", "demo.echo", stdin="21.5\n").returncode == 0  # echo 21.5 | hostbus pub
     out, err = sub.communicate(timeout=20)
     assert sub.returncode == 0, err
-    assert out == "demo.hello hi there\ndemo.lines one\ndemo.lines two\ndemo.stdin all of\nstdin\ndemo.echo 21.5\n"
+    assert out == "demo.hello hi there\ndemo.lines one\ndemo.lines two\ndemo.stdin all of\\nstdin\ndemo.echo 21.5\n"
 
 
 def test_sub_json_carries_headers_and_sender(daemon: Daemon) -> None:
@@ -134,3 +134,31 @@ def test_library_and_cli_agree_on_the_socket_from_the_environment(daemon: Daemon
     monkeypatch.setenv("HOSTBUS_SOCKET", str(daemon.socket))
     with hostbus.connect() as bus:
         assert bus.welcome["server"].startswith("hostbusd")
+
+
+def test_sub_reports_a_stopping_broker_in_one_line(daemon: Daemon) -> None:
+    # Regression: the error escaped as an ExceptionGroup traceback.
+    sub = start_sub(daemon, "x")
+    wait_subscribed(daemon, 1)
+    daemon.stop()
+    _, err = sub.communicate(timeout=20)
+    assert sub.returncode == 1
+    assert err == "hostbus: the broker is stopping\n"
+
+
+def test_sub_into_head_exits_quietly(daemon: Daemon) -> None:
+    env = {**os.environ, "HOSTBUS_SOCKET": str(daemon.socket)}
+    shell = subprocess.Popen(["bash", "-c", f"set -o pipefail; {HOSTBUS} sub 'p.>' | head -1"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    wait_subscribed(daemon, 1)
+    cli(daemon, "pub", "p.x", "--lines", stdin="".join(f"{i}\n" for i in range(5000)))
+    out, err = shell.communicate(timeout=20)
+    assert (shell.returncode, out, err) == (0, "p.x 0\n", "")
+
+
+def test_sub_prints_inner_newlines_escaped(daemon: Daemon) -> None:
+    sub = start_sub(daemon, "ml", "--count", "1", "--timeout", "10")
+    wait_subscribed(daemon, 1)
+    cli(daemon, "pub", "ml", stdin="line1\nline2\r\n")
+    out, _ = sub.communicate(timeout=20)
+    assert out == "ml line1\\nline2\\r\n"

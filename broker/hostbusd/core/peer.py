@@ -245,7 +245,8 @@ class PeerCore:
         elif op == "whoami":
             result = self.hub.welcome(session, f"_INBOX.{session.inbox_token}")
         else:
-            session.send(wire.encode_err(ErrorCode.INVALID_ARGUMENT, call_id, f"unknown CALL op {str(op)[:64]!r}; known: stats, whoami", False))
+            message = f"unknown CALL op {str(op)[:64]!r}; known: stats, whoami"
+            session.send(wire.encode_err(ErrorCode.INVALID_ARGUMENT, call_id, message, False))
             return
         session.send(wire.encode_json(FrameType.RESULT, result, wire.frames.U32.pack(call_id)))
 

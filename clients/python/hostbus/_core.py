@@ -156,12 +156,30 @@ class ClientCore:
         return f"{self.inbox}.{next(self.req_ids)}"
 
     def check(self) -> None:
-        """Raise the connection's loss, or a pending asynchronous error (once)."""
+        """Raise the connection's loss, if it is lost."""
         if self.lost is not None:
             raise self.lost
+
+    def raise_async_error(self) -> None:
+        """Raise (once) an error the broker reported about an earlier message, if any.
+
+        Such errors (ERR with ref 0, e.g. the retained store is full) name no call: they go to
+        ``error_cb`` if the client has one, else they are raised by the next ``flush()``.
+        """
         if self.async_error is not None:
             exc, self.async_error = self.async_error, None
             raise exc
+
+    def register(self, table: dict[Any, Waiter], key: Any, waiter: Waiter) -> None:
+        """Add a waiter; if the connection was lost meanwhile, fail it at once.
+
+        ``connection_lost`` sets ``lost`` before it empties the tables, so a waiter added in a
+        race either is emptied out with the rest or sees ``lost`` here: none waits forever.
+        """
+        table[key] = waiter
+        if self.lost is not None:
+            table.pop(key, None)
+            _settle(waiter, exc=self.lost)
 
     # ---- decoding --------------------------------------------------------------------------------
 
@@ -291,9 +309,10 @@ class ClientCore:
             if waiter is not None:
                 _settle(waiter, exc=exc)
                 return
-        self.async_error = exc
         if self.on_error is not None:
             self.on_error(exc)
+        else:
+            self.async_error = exc
 
     # ---- ending ----------------------------------------------------------------------------------
 

@@ -24,6 +24,9 @@ from hostbus.message import Message
 
 __all__ = ["Bus", "Subscription", "connect"]
 
+#: Bytes of frames gathered by publish() before they are handed to the transport at once.
+_WRITE_BATCH = 256 * 1024
+
 
 async def _wait(fut: asyncio.Future[Any], timeout: float | None, what: str) -> Any:
     try:
@@ -38,12 +41,13 @@ class Subscription(SubscriptionState):
     def __init__(self, bus: Bus, sid: int, pattern: str, group: str | None, pending_limit: int) -> None:
         super().__init__(sid, pattern, group, pending_limit)
         self.bus = bus
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiters: list[asyncio.Future[None]] = []  # tasks blocked in next()
 
     def _wake(self) -> None:
-        w = self._waiter
-        if w is not None and not w.done():
-            w.set_result(None)
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:  # each re-checks the queue; those that find it empty wait again
+            if not w.done():
+                w.set_result(None)
 
     def push_many(self, msgs: list[Message]) -> None:
         self._admit(msgs)
@@ -58,16 +62,20 @@ class Subscription(SubscriptionState):
 
     async def next(self, timeout: float | None = None) -> Message:
         items = self._items
+        loop = self.bus._loop
+        deadline = None if timeout is None else loop.time() + timeout
         while not items:
             if self._ended is not None:
                 raise self._ended
-            self._waiter = self.bus._loop.create_future()
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiters.append(waiter)
             try:
-                await asyncio.wait_for(self._waiter, timeout)
+                await asyncio.wait_for(waiter, None if deadline is None else max(0.0, deadline - loop.time()))
             except TimeoutError:
                 raise HostbusTimeoutError(f"no message on {self.pattern!r} within {timeout} s") from None
             finally:
-                self._waiter = None
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
         return items.popleft()
 
     def __aiter__(self) -> Subscription:
@@ -128,6 +136,7 @@ class Bus:
         self._core.on_error = error_cb
         self._transport: asyncio.Transport | None = None
         self._out: list[bytes] = []
+        self._out_bytes = 0
         self._flush_scheduled = False
         self._paused = False
         self._closing = False
@@ -167,6 +176,7 @@ class Bus:
         if self._transport is None or self._closing:
             raise self._core.lost or ClosedError("the connection is closed")
         self._out.append(frame)
+        self._out_bytes += len(frame)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._write)
@@ -174,14 +184,23 @@ class Bus:
     def _write(self) -> None:
         self._flush_scheduled = False
         out, self._out = self._out, []
+        self._out_bytes = 0
         if out and self._transport is not None and not self._transport.is_closing():
             self._transport.write(b"".join(out))
 
     async def publish(self, topic: str, data: bytes | str = b"", headers: dict[str, str] | None = None,
                       retain: bool = False, reply_to: str | None = None) -> None:
-        """Queue one message; waits only while the connection is congested."""
+        """Queue one message; waits only while the connection is congested.
+
+        Frames are written at the end of the loop iteration, or at once when a write batch has
+        gathered, so a loop that never yields still hands the transport its data and sees its
+        backpressure. Errors the broker reports later about a published message go to
+        ``error_cb``, else :meth:`flush` raises them.
+        """
         self._core.check()
         self._send(self._core.pub(topic, data, headers, retain, reply_to or ""))
+        if self._out_bytes >= _WRITE_BATCH:
+            self._write()
         if self._paused:
             w: asyncio.Future[None] = self._loop.create_future()
             self._drain_waiters.append(w)
@@ -194,10 +213,11 @@ class Bus:
         self._core.check()
         token = next(self._core.tokens)
         fut: asyncio.Future[Any] = self._loop.create_future()
-        self._core.pings[token] = fut
+        self._core.register(self._core.pings, token, fut)
         self._send(wire.encode_u32(wire.FrameType.PING, token))
         await _wait(fut, timeout, "flush")
         self._core.check()
+        self._core.raise_async_error()
 
     async def request(self, topic: str, data: bytes | str = b"", timeout: float = 5.0,
                       headers: dict[str, str] | None = None) -> Message:
@@ -205,7 +225,7 @@ class Bus:
         reply = self._core.next_reply_subject()
         frame = self._core.pub(topic, data, headers, reply=reply, request=True)
         fut: asyncio.Future[Any] = self._loop.create_future()
-        self._core.requests[reply] = fut
+        self._core.register(self._core.requests, reply, fut)
         try:
             self._send(frame)
             return await _wait(fut, timeout, f"request on {topic!r}")  # type: ignore[no-any-return]
@@ -221,13 +241,17 @@ class Bus:
         sub = Subscription(self, sid, pattern, group, pending_limit)
         fut: asyncio.Future[Any] = self._loop.create_future()
         self._core.sinks[sid] = sub
-        self._core.sub_waiters[sid] = fut
+        self._core.register(self._core.sub_waiters, sid, fut)
         try:
             self._send(frame)
             await _wait(fut, DEFAULT_CONTROL_TIMEOUT, f"subscribe to {pattern!r}")
-        except BaseException:
+        except BaseException as exc:
             self._core.sinks.pop(sid, None)
             self._core.sub_waiters.pop(sid, None)
+            if not isinstance(exc, HostbusError) or isinstance(exc, HostbusTimeoutError):
+                # Cancelled or timed out: the broker may have created it; it must not live on.
+                with contextlib.suppress(HostbusError):
+                    self._send(wire.encode_u32(wire.FrameType.UNSUB, sid))
             raise
         return sub
 
@@ -239,7 +263,7 @@ class Bus:
         self._core.check()
         call_id = next(self._core.ids)
         fut: asyncio.Future[Any] = self._loop.create_future()
-        self._core.calls[call_id] = fut
+        self._core.register(self._core.calls, call_id, fut)
         self._send(wire.encode_call(call_id, op, args))
         return await _wait(fut, timeout, f"call {op!r}")  # type: ignore[no-any-return]
 

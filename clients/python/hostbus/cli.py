@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 from typing import Any
@@ -47,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--retain", action="store_true", help="keep as the topic's retained message")
 
     s = sub.add_parser("sub", help="print messages", description="Print messages matching PATTERN...: "
-                       "one line per message, 'TOPIC DATA' (or JSON with --json).")
+                       "one line per message, 'TOPIC DATA' (a final newline of DATA is dropped and inner "
+                       "newlines are shown as \\n; --json gives the exact data).")
     s.add_argument("patterns", nargs="+", metavar="PATTERN", help="topic pattern; '*' one token, '>' the rest")
     s.add_argument("--group", metavar="G", help="join queue group G (each message to one member)")
     s.add_argument("--count", type=int, metavar="N", help="exit after N messages")
@@ -83,9 +85,11 @@ def cmd_pub(args: argparse.Namespace) -> int:
 
 
 def _format(msg: Message, as_json: bool) -> str:
-    if not as_json:
+    if not as_json:  # one line per message: a final newline is dropped, inner ones shown as \n
         text = msg.data.decode(errors="replace")
-        return f"{msg.topic} {text[:-1] if text.endswith(chr(10)) else text}"  # one line per message
+        if text.endswith("\n"):
+            text = text[:-1]
+        return msg.topic + " " + text.replace("\r", "\\r").replace("\n", "\\n")
     obj: dict[str, Any] = {
         "topic": msg.topic,
         "data": msg.data.decode(errors="replace"),
@@ -108,6 +112,8 @@ async def _sub(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, done.set)
     queue: asyncio.Queue[Message | HostbusError] = asyncio.Queue(maxsize=4096)
     bus = await aio.connect(args.socket, name="hostbus-cli")
+    failure: BaseException | None = None
+    count = 0
     try:
         subs = [await bus.subscribe(p, args.group) for p in args.patterns]
 
@@ -118,9 +124,10 @@ async def _sub(args: argparse.Namespace) -> int:
             except HostbusError as exc:
                 await queue.put(exc)
 
-        count = 0
         out = sys.stdout
         deadline = loop.time() + args.timeout if args.timeout is not None else None
+        # Nothing below raises inside the task group: failures are kept and raised after it, so
+        # they reach main() as themselves, not wrapped in an ExceptionGroup.
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(pump(s)) for s in subs]
             stopper = tg.create_task(done.wait())
@@ -137,15 +144,20 @@ async def _sub(args: argparse.Namespace) -> int:
                         break
                     item = getter.result()
                     if isinstance(item, HostbusError):
-                        raise item
+                        failure = item
+                        break
                     out.write(_format(item, args.json) + "\n")
                     count += 1
                     if queue.empty():
                         out.flush()
-            finally:
                 out.flush()
+            except (BrokenPipeError, HostbusError) as exc:
+                failure = exc
+            finally:
                 for t in [*tasks, stopper]:
                     t.cancel()
+        if failure is not None:
+            raise failure
         missed = sum(s.missed for s in subs)
         if missed:
             print(f"hostbus: {missed} messages were dropped before they reached this subscriber",
@@ -218,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hostbus: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except BrokenPipeError:
-        sys.stderr.close()  # the reader went away (| head): not an error
+        # The reader went away (| head): not an error. Point stdout at /dev/null so the
+        # interpreter's final flush does not complain about the closed pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
         return 130

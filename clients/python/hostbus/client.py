@@ -50,14 +50,14 @@ class Subscription(SubscriptionState):
         super().__init__(sid, pattern, group, pending_limit)
         self.bus = bus
         self._cond = threading.Condition()
-        self._waiting = False
+        self._waiters = 0  # threads blocked in next()
 
     # Sink (called by the reader thread)
     def push_many(self, msgs: list[Message]) -> None:
         with self._cond:
             self._admit(msgs)
-            if self._waiting:
-                self._cond.notify()
+            if self._waiters:
+                self._cond.notify(len(msgs))
 
     def gap(self, missed: int) -> None:
         with self._cond:
@@ -82,12 +82,12 @@ class Subscription(SubscriptionState):
             while not items:
                 if self._ended is not None:
                     raise self._ended
-                self._waiting = True
+                self._waiters += 1
                 try:
                     if not self._cond.wait(timeout):
                         raise HostbusTimeoutError(f"no message on {self.pattern!r} within {timeout} s")
                 finally:
-                    self._waiting = False
+                    self._waiters -= 1
             return items.popleft()
 
     def __iter__(self) -> Iterator[Message]:
@@ -145,7 +145,11 @@ class Bus:
 
     def publish(self, topic: str, data: bytes | str = b"", headers: dict[str, str] | None = None,
                 retain: bool = False, reply_to: str | None = None) -> None:
-        """Queue one message for sending (returns before it is sent: see :meth:`flush`)."""
+        """Queue one message for sending (returns before it is sent: see :meth:`flush`).
+
+        Errors the broker reports later about a published message (such as a full retained
+        store) go to ``error_cb`` if :func:`connect` was given one, else :meth:`flush` raises them.
+        """
         self._core.check()
         self._send(self._core.pub(topic, data, headers, retain, reply_to or ""))
 
@@ -153,15 +157,20 @@ class Bus:
         self.publish(reply_to, data, headers)
 
     def flush(self, timeout: float | None = DEFAULT_CONTROL_TIMEOUT) -> None:
-        """Return once everything published so far has reached the broker and been routed."""
+        """Return once everything published so far has reached the broker and been routed.
+
+        Raises an error the broker reported about an earlier publish, if there is one (and no
+        ``error_cb`` took it).
+        """
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
         with self._lock:
             self._core.check()
             token = next(self._core.tokens)
-            self._core.pings[token] = fut
+            self._core.register(self._core.pings, token, fut)
         self._send(self._u32_frame("PING", token))
         _wait(fut, timeout, "flush")
         self._core.check()
+        self._core.raise_async_error()
 
     def request(self, topic: str, data: bytes | str = b"", timeout: float = 5.0,
                 headers: dict[str, str] | None = None) -> Message:
@@ -171,7 +180,7 @@ class Bus:
             self._core.check()
             reply = self._core.next_reply_subject()
             frame = self._core.pub(topic, data, headers, reply=reply, request=True)
-            self._core.requests[reply] = fut
+            self._core.register(self._core.requests, reply, fut)
         self._send(frame)
         try:
             return _wait(fut, timeout, f"request on {topic!r}")  # type: ignore[no-any-return]
@@ -196,12 +205,17 @@ class Bus:
             frame = self._core.sub(sid, pattern, group, policy, max_msgs, max_bytes)
             sub = Subscription(self, sid, pattern, group, pending_limit)
             self._core.sinks[sid] = sub
-            self._core.sub_waiters[sid] = fut
+            self._core.register(self._core.sub_waiters, sid, fut)
         self._send(frame)
         try:
             _wait(fut, DEFAULT_CONTROL_TIMEOUT, f"subscribe to {pattern!r}")
-        except BaseException:
+        except BaseException as exc:
             self._core.sinks.pop(sid, None)
+            self._core.sub_waiters.pop(sid, None)
+            if not isinstance(exc, HostbusError) or isinstance(exc, HostbusTimeoutError):
+                # The broker may have created it (no answer seen): make sure it does not live on.
+                with contextlib.suppress(HostbusError):
+                    self._send(self._u32_frame("UNSUB", sid))
             raise
         return sub
 
@@ -221,7 +235,7 @@ class Bus:
         with self._lock:
             self._core.check()
             call_id = next(self._core.ids)
-            self._core.calls[call_id] = fut
+            self._core.register(self._core.calls, call_id, fut)
         self._send(wire.encode_call(call_id, op, args))
         return _wait(fut, timeout, f"call {op!r}")  # type: ignore[no-any-return]
 
