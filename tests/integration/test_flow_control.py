@@ -9,11 +9,11 @@ from collections.abc import Callable
 
 import pytest
 
-import hostbus
 from hostbus import wire
 from hostbus.errors import ErrorCode
 from tests.conftest import Daemon
 from tests.helpers.raw import RawClient
+from tests.helpers.subs import drain
 
 MiB = 1024 * 1024
 QUEUE_LIMIT = 8 * MiB
@@ -142,13 +142,7 @@ def test_disconnect_policy_ends_the_slow_consumer_only(limited: Daemon) -> None:
         assert "overflowed" in message
         assert other.stats()["peer_errors"] == 1  # counted, and logged:
         assert '"code": "SLOW_CONSUMER"' in limited.log()
-        got = 0
-        while True:
-            try:
-                ok_sub.next(timeout=1)
-                got += 1
-            except hostbus.TimeoutError:
-                break
+        got = len(drain(ok_sub, timeout=1))
         assert got + ok_sub.missed == 400
 
 
@@ -161,13 +155,7 @@ def test_gap_reaches_the_library_subscriber(limited: Daemon) -> None:
         for i in range(2000):
             pub.publish("g", i.to_bytes(4, "little") + b"\0" * (32 * 1024))
         pub.flush(timeout=30)
-    got = 0
-    while True:
-        try:
-            sub.next(timeout=1)
-            got += 1
-        except hostbus.TimeoutError:
-            break
+    got = len(drain(sub, timeout=1))
     sub_bus.close()
     assert sub.missed > 0
     assert got + sub.missed == 2000
@@ -231,13 +219,7 @@ def test_queue_group_skips_a_member_that_failed(start_daemon: Callable[..., Daem
         for i in range(200):  # fill the raw member's buffers so its close will linger
             pub.publish("jobs", i.to_bytes(4, "little") + b"\0" * 4096)
         pub.flush()
-        got_before = 0
-        while True:
-            try:
-                healthy.next(timeout=0.5)
-                got_before += 1
-            except hostbus.TimeoutError:
-                break
+        got_before = len(drain(healthy, timeout=0.5))
         raw.send(wire.frame(0x7F))  # fatal for the raw member
         pub.flush()
         for _ in range(1000):
@@ -268,14 +250,7 @@ def test_slowly_arriving_frames_are_not_a_stall(start_daemon: Callable[..., Daem
         pong = raw.read_until(wire.FrameType.PONG)
         assert pong is not None, "the broker closed a peer whose frames were all progressing"
         raw.close()
-        assert sum(1 for _ in iter(lambda: _next_or_none(sub), None)) == 9
-
-
-def _next_or_none(sub: hostbus.Subscription) -> hostbus.Message | None:
-    try:
-        return sub.next(timeout=1)
-    except hostbus.TimeoutError:
-        return None
+        assert len(drain(sub, timeout=1)) == 9
 
 
 def test_one_message_larger_than_the_queue_budget_reaches_a_reading_subscriber(

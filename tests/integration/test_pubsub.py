@@ -9,15 +9,7 @@ import pytest
 
 import hostbus
 from tests.conftest import Daemon
-
-
-def drain(sub: hostbus.Subscription, timeout: float = 0.3) -> list[hostbus.Message]:
-    out = []
-    while True:
-        try:
-            out.append(sub.next(timeout=timeout))
-        except hostbus.TimeoutError:
-            return out
+from tests.helpers.subs import drain
 
 
 def test_wildcards_match_as_documented(bus: hostbus.Bus) -> None:
