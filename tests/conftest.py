@@ -23,7 +23,7 @@ HOSTBUSD = [sys.executable, "-m", "hostbusd"]
 
 
 def toml_dump(config: dict[str, Any]) -> str:
-    """Enough TOML for test configs: top-level scalars and one level of tables of scalars."""
+    """Enough TOML for test configs: scalars, lists of scalars, tables and arrays of tables."""
 
     def value(v: Any) -> str:
         if isinstance(v, bool):
@@ -32,14 +32,26 @@ def toml_dump(config: dict[str, Any]) -> str:
             return repr(v)
         if isinstance(v, str):
             return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
         raise TypeError(v)
 
-    lines = [f"{k} = {value(v)}" for k, v in config.items() if not isinstance(v, dict)]
-    for section, table in config.items():
-        if isinstance(table, dict):
-            lines.append(f"[{section}]")
-            lines += [f"{k} = {value(v)}" for k, v in table.items()]
-    return "\n".join(lines) + "\n"
+    def is_tables(v: Any) -> bool:
+        return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
+
+    def table(prefix: str, d: dict[str, Any], header: str | None) -> list[str]:
+        lines = [header] if header else []
+        lines += [f"{k} = {value(v)}" for k, v in d.items() if not isinstance(v, dict) and not is_tables(v)]
+        for k, v in d.items():
+            name = f"{prefix}{k}"
+            if isinstance(v, dict):
+                lines += table(name + ".", v, f"[{name}]")
+            elif is_tables(v):
+                for item in v:
+                    lines += table(name + ".", item, f"[[{name}]]")
+        return lines
+
+    return "\n".join(table("", config, None)) + "\n"
 
 
 class Daemon:

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from hostbus import topics
+
 MiB = 1024 * 1024
 
 Policy = Literal["drop-oldest", "drop-new", "disconnect"]
@@ -113,6 +115,75 @@ class RetainedConfig(_Section):
     max_bytes: int = Field(64 * MiB, ge=0, description="Total bytes of retained messages.")
 
 
+class FifoIngressConfig(_Section):
+    path: str = Field(description="Path of the FIFO; relative paths are inside the runtime directory.")
+    format: Literal["lines", "json", "auto", "frames"] = Field(
+        "auto", description="lines: 'TOPIC PAYLOAD' per line; json: one object per line; auto: a line starting "
+        "with '{' is JSON, others are lines; frames: native PUB frames.",
+    )
+    mode: int = Field(
+        0o600, ge=0, le=0o777,
+        description="File mode. FIFOs carry no peer identity: the mode, owner and group decide who may publish. "
+        "Default: only the daemon's user.",
+    )
+    group: str | None = Field(
+        None, description="Group of the FIFO (a name), e.g. to let that group write (mode 0o620).")
+    topic_prefix: str = Field(
+        "", description="If set, only topics starting with this prefix are accepted from this FIFO; others are "
+        "skipped and counted as denied_topic.",
+    )
+
+
+class FifoSinkConfig(_Section):
+    path: str = Field(description="Path of the FIFO; relative paths are inside the runtime directory.")
+    subjects: list[str] = Field(min_length=1, description="Patterns whose messages are written to the FIFO.")
+    format: Literal["lines", "json"] = Field(
+        "lines", description="lines: 'TOPIC PAYLOAD' (newlines in the payload written as \\n); json: one object per "
+        "line with topic, data, headers and sender.",
+    )
+    mode: int = Field(0o600, ge=0, le=0o777, description="File mode: who may read the FIFO.")
+    group: str | None = Field(None, description="Group of the FIFO (a name), e.g. to let that group read (mode 0o640).")
+    max_queued_msgs: int = Field(
+        1024, ge=1,
+        description="Messages held while the reader has not emptied the pipe; past it new ones are dropped and "
+        "counted (the broker never waits for a sink's reader).",
+    )
+
+    @field_validator("subjects")
+    @classmethod
+    def _valid_patterns(cls, subjects: list[str]) -> list[str]:
+        for pattern in subjects:
+            problem = topics.pattern_problem(pattern)
+            if problem is not None:
+                raise ValueError(f"invalid pattern {pattern!r}: {problem}")
+        return subjects
+
+
+class FifoConfig(_Section):
+    default_ingress: bool = Field(
+        True, description="Create <runtime-dir>/publish.fifo (format auto, mode 0o600) besides the FIFOs listed "
+        "in [[fifo.ingress]].",
+    )
+    ingress: list[FifoIngressConfig] = Field(default_factory=list, description="More publish FIFOs.")
+    sink: list[FifoSinkConfig] = Field(default_factory=list, description="FIFOs the daemon writes messages to.")
+    max_line_bytes: int = Field(
+        65536, ge=256, le=64 * MiB,
+        description="Longest line a publish FIFO accepts; a longer one is skipped and counted (too_long). Bounds the "
+        "buffer of one FIFO. Lines up to PIPE_BUF (4096 bytes) are written atomically by concurrent writers; longer "
+        "ones need a FIFO of their own.",
+    )
+    partial_line_timeout: float = Field(
+        1.0, gt=0,
+        description="Seconds a partial line may wait for its end. Then its writer is presumed dead and the fragment "
+        "is dropped (counted as partial), so it cannot be glued to the next writer's line.",
+    )
+    pipe_bytes: int = Field(
+        1024 * 1024, ge=4096,
+        description="Kernel buffer requested for each FIFO (F_SETPIPE_SZ; capped by /proc/sys/fs/pipe-max-size): "
+        "room for bursts while the daemon is busy.",
+    )
+
+
 class StatsConfig(_Section):
     max_topics: int = Field(
         1000, ge=0,
@@ -155,6 +226,7 @@ class Config(_Section):
     limits: LimitsConfig = LimitsConfig()
     subscriptions: SubscriptionsConfig = SubscriptionsConfig()
     retained: RetainedConfig = RetainedConfig()
+    fifo: FifoConfig = FifoConfig()
     stats: StatsConfig = StatsConfig()
     log: LogConfig = LogConfig()
     shutdown: ShutdownConfig = ShutdownConfig()

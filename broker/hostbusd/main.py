@@ -19,16 +19,14 @@ from typing import Any
 from hostbus import paths
 from hostbusd import __version__, logs
 from hostbusd.broker import Broker
-from hostbusd.config import Config, ConfigError, json_schema, load
+from hostbusd.config import Config, ConfigError, FifoIngressConfig, FifoSinkConfig, json_schema, load
+from hostbusd.errors import StartupError
+from hostbusd.net.fifo import DEFAULT_FIFO, OpenedFifo, open_ingress, prepare_fifo
 
 EXIT_OK = 0
 EXIT_STARTUP = 1  # could not start: another daemon, unusable directory, ...
 EXIT_CONFIG = 2  # invalid configuration or arguments
 EXIT_INTERNAL = 70  # a bug (EX_SOFTWARE): logged; systemd restarts the daemon
-
-
-class StartupError(Exception):
-    """The daemon cannot start; the message says why and what to do."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,7 +160,7 @@ def _catch_early_signals() -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
-async def serve(config: Config, sock: socket.socket, sock_path: Path, log: Any) -> int:
+async def serve(config: Config, sock: socket.socket, sock_path: Path, fifos: list[OpenedFifo], log: Any) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     status = {"code": EXIT_OK}
@@ -181,10 +179,11 @@ async def serve(config: Config, sock: socket.socket, sock_path: Path, log: Any) 
         "reload_unsupported", detail="this version does not reload; the configuration is unchanged"))
     if _early_signals:
         stop.set()
-    broker = Broker(config, [sock], on_peer_error=peer_log.warning)
+    broker = Broker(config, [sock], fifos, on_peer_error=peer_log.warning)
     runner = asyncio.ensure_future(broker.run(stop))
     await asyncio.sleep(0)
-    log.info("started", socket=str(sock_path), pid=os.getpid(), version=__version__)
+    log.info("started", socket=str(sock_path), fifos=[str(f.path) for f in fifos], pid=os.getpid(),
+             version=__version__)
     await runner
     st = broker.stats()
     log.info("stopped", messages_in=st["messages"]["in"], messages_out=st["messages"]["out"],
@@ -215,33 +214,64 @@ def main(argv: list[str] | None = None) -> int:
     sock_path = runtime_dir / paths.SOCKET_NAME
     _catch_early_signals()
     ensure_fd_limit(config.limits.max_connections, log)
+    owned: list[tuple[Path, int]] = []  # files this run made or took over: (path, inode), removed at exit
+    created_runtime_dir = False
+    fifos: list[OpenedFifo] = []
     try:
-        created_runtime_dir = prepare_dir(runtime_dir, dir_mode)
-        prepare_dir(state_dir, 0o700)
-        sock = bind_socket(sock_path, sock_mode)
-    except StartupError as exc:
-        log.error("cannot_start", reason=str(exc))
-        return EXIT_STARTUP
-    except OSError as exc:
-        log.error("cannot_start", reason=f"{exc.filename}: {exc.strerror}")
-        return EXIT_STARTUP
-    bound = os.stat(sock_path)
-    try:
-        import uvloop  # noqa: PLC0415 - only the running daemon needs it
-
-        return uvloop.run(serve(config, sock, sock_path, log))
-    finally:
-        sock.close()
         try:
-            if os.stat(sock_path).st_ino == bound.st_ino:
-                os.unlink(sock_path)
+            created_runtime_dir = prepare_dir(runtime_dir, dir_mode)
+            prepare_dir(state_dir, 0o700)
+            sock = bind_socket(sock_path, sock_mode)
+            owned.append((sock_path, os.stat(sock_path).st_ino))
+            fifos = open_fifos(config, runtime_dir, owned)
+        except StartupError as exc:
+            log.error("cannot_start", reason=str(exc))
+            return EXIT_STARTUP
         except OSError as exc:
-            if exc.errno != errno.ENOENT:
-                log.warning("cannot_remove_socket", path=str(sock_path), error=exc.strerror)
+            log.error("cannot_start", reason=f"{exc.filename}: {exc.strerror}")
+            return EXIT_STARTUP
+        try:
+            import uvloop  # noqa: PLC0415 - only the running daemon needs it
+
+            return uvloop.run(serve(config, sock, sock_path, fifos, log))
+        finally:
+            sock.close()
+    finally:
+        for f in fifos:
+            if f.fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(f.fd)
+        for path, inode in owned:
+            try:
+                if os.lstat(path).st_ino == inode:
+                    os.unlink(path)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    log.warning("cannot_remove", path=str(path), error=exc.strerror)
         if created_runtime_dir:
             with contextlib.suppress(OSError):  # only if empty: never remove what others put there
                 runtime_dir.rmdir()
 
+
+def open_fifos(config: Config, runtime_dir: Path, owned: list[tuple[Path, int]]) -> list[OpenedFifo]:
+    """Create or check every configured FIFO and open the publish ones (reading starts later)."""
+    cfg = config.fifo
+    plan: list[tuple[Path, FifoIngressConfig | FifoSinkConfig]] = []
+    if cfg.default_ingress:
+        plan.append((runtime_dir / DEFAULT_FIFO, FifoIngressConfig(path=DEFAULT_FIFO)))
+    specs: list[FifoIngressConfig | FifoSinkConfig] = [*cfg.ingress, *cfg.sink]
+    plan += [(runtime_dir / spec.path, spec) for spec in specs]  # an absolute path stays as it is
+    seen: set[Path] = set()
+    opened: list[OpenedFifo] = []
+    for path, spec in plan:
+        if path in seen or path == runtime_dir / paths.SOCKET_NAME:
+            raise StartupError(f"FIFO path {path} is used twice in the configuration")
+        seen.add(path)
+        prepare_fifo(path, spec.mode, spec.group)
+        owned.append((path, os.lstat(path).st_ino))
+        fd = open_ingress(path, cfg.pipe_bytes) if isinstance(spec, FifoIngressConfig) else None
+        opened.append(OpenedFifo(path, fd, spec))
+    return opened
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -155,8 +155,12 @@ def test_example_configuration_is_valid_and_complete() -> None:
         out = set()
         for name, field in model.model_fields.items():  # type: ignore[attr-defined]
             ann = field.annotation
+            item = getattr(ann, "__args__", (None,))[0] if getattr(ann, "__origin__", None) is list else None
             if isinstance(ann, type) and hasattr(ann, "model_fields"):
                 out |= keys(ann, f"{prefix}{name}.")
+            elif isinstance(item, type) and hasattr(item, "model_fields"):  # an array of tables
+                assert f"[[{prefix}{name}]]" in example.read_text(), f"no [[{prefix}{name}]] example"
+                out |= keys(item, f"{prefix}{name}[].")
             else:
                 out.add(prefix + name)
         return out

@@ -13,6 +13,7 @@ from typing import Any
 from hostbus import topics, wire
 from hostbusd import __version__
 from hostbusd.config import Config
+from hostbusd.core.fifo import FifoEntry
 from hostbusd.core.identity import Identity
 from hostbusd.core.outbound import OutboundQueue
 from hostbusd.core.router import Router
@@ -43,6 +44,7 @@ class Hub:
         self.rejected_connections = 0
         self.peer_errors = 0
         self.closed_totals = {"msgs_out": 0, "bytes_out": 0, "dropped": 0}
+        self.fifos: dict[str, FifoEntry] = {}  # path -> publish FIFO or sink, for the stats
 
     def identity(self, uid: int, gid: int, pid: int, origin: str = "") -> Identity:
         return Identity(next(self._refs), uid, gid, pid, origin)
@@ -122,5 +124,6 @@ class Hub:
             },
             "queued_bytes": sum(s.queued_bytes for s in self.sessions),
             "peer_errors": self.peer_errors,
+            "fifos": {path: entry.describe() for path, entry in self.fifos.items()},
             "topics": per_topic,
         }

@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-H", "--header", action="append", default=[], metavar="K=V", help="a header (repeatable)")
 
     st = sub.add_parser("stats", help="print broker statistics",
-                        description="Connections, subscriptions, messages in/out/dropped, per-topic counts.")
+                        description="Connections, subscriptions, messages in/out/dropped, FIFOs (messages, "
+                        "skipped or dropped by kind), per-topic counts.")
     st.add_argument("--json", action="store_true", help="print the statistics as JSON")
     return p
 
@@ -208,6 +209,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
     ]
     for key, value in rows:
         print(f"{key:<15}{value}")
+    for path, f in st.get("fifos", {}).items():
+        problems = f.get("errors") or f.get("dropped") or {}
+        detail = ", ".join(f"{k} {v}" for k, v in sorted(problems.items())) or "none"
+        label = "skipped" if f["kind"] == "ingress" else "dropped"
+        print(f"fifo {f['kind']:<8}{path}: {f['messages']} messages ({f['bytes']} bytes), {label}: {detail}")
     if st["topics"]:
         print("topics:")
         width = max(len(t) for t in st["topics"])

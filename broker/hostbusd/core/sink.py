@@ -1,0 +1,57 @@
+"""LineSession: a subscriber that receives text lines instead of frames (the FIFO sinks).
+
+It reuses the session's bounded queues and overflow policy; only the encoding differs. A line is
+``TOPIC SP PAYLOAD \\n`` (newlines and carriage returns inside the payload written as ``\\n`` and
+``\\r``, so one message stays one line) or one JSON object per line with ``topic``, ``data``
+(text), ``headers`` and ``sender``.
+"""
+
+from __future__ import annotations
+
+import json
+
+from hostbus import wire
+from hostbusd.core.identity import Identity
+from hostbusd.core.session import Session, Subscription
+
+
+def format_line(fmt: str, ident: Identity, block: bytes) -> bytes:
+    topic, _, h0, h1 = wire.split_block(block)
+    payload = block[h1:]
+    if fmt == "lines":
+        return topic.encode() + b" " + payload.replace(b"\r", b"\\r").replace(b"\n", b"\\n") + b"\n"
+    sender: dict[str, object] = {"uid": ident.uid, "gid": ident.gid, "pid": ident.pid}
+    if ident.origin:
+        sender["origin"] = ident.origin
+    obj = {
+        "topic": topic,
+        "data": payload.decode(errors="replace"),
+        "headers": wire.decode_headers(block[h0:h1]) if h1 > h0 else {},
+        "sender": sender,
+    }
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+
+
+class LineSession(Session):
+    __slots__ = ("format",)
+
+    def __init__(self, ident: Identity, fmt: str, *, batch_bytes: int, max_queued_bytes: int) -> None:
+        super().__init__(ident, batch_bytes=batch_bytes, max_queued_bytes=max_queued_bytes)
+        self.format = fmt
+
+    def _write_msg(self, sub: Subscription, ident: Identity, block: bytes, flags: int) -> None:
+        sub.queue.missed = 0  # a file reader gets no GAP line; drops are counted in ``dropped``
+        line = format_line(self.format, ident, block)
+        self.out.append(line)
+        self.out_bytes += len(line)
+        self.msgs_out += 1
+
+    def discard_output(self) -> int:
+        """Drop everything written or queued for the reader; returns the messages dropped."""
+        n = len(self.out)
+        self.out = []
+        self.out_bytes = 0
+        for sub in self.subs.values():
+            n += len(sub.queue)
+            self.drop_subscription(sub)
+        return n
