@@ -170,7 +170,9 @@ class FifoParser:
             raise FifoFault("invalid_json", "the JSON object has no string 'topic'")
         data: Any = obj.get("data", "")
         payload = data.encode() if isinstance(data, str) else json.dumps(data, separators=(",", ":")).encode()
-        headers = obj.get("headers") or {}
+        headers = obj.get("headers")
+        if headers is None:
+            headers = {}
         try:
             raw_topic = topic_value.encode()
             if not isinstance(headers, dict):
