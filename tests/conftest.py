@@ -16,10 +16,32 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 import hostbus
 
 HOSTBUSD = [sys.executable, "-m", "hostbusd"]
+
+# Hypothesis, for every test that uses it: modest, deterministic (derandomize: a failure
+# reproduces on the next run), no example database, no deadline (timing would depend on the
+# machine's load). HYPOTHESIS_PROFILE=thorough runs a longer, randomised search.
+settings.register_profile(
+    "hostbus",
+    max_examples=200,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "thorough",
+    max_examples=5000,
+    derandomize=False,
+    database=None,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "hostbus"))
 
 
 def toml_dump(config: dict[str, Any]) -> str:
