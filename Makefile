@@ -31,9 +31,10 @@ typecheck: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-## bench: the 1 -> 1 publish/subscribe benchmark (not part of `make test`)
+## bench: the benchmarks (not part of `make test`): socket 1 -> 1, FIFO ingress
 bench: $(STAMP)
 	$(BIN)/python bench/pubsub_1to1.py
+	$(BIN)/python bench/fifo_publish.py
 
 ## schema: regenerate config/hostbus.schema.json from the configuration models
 schema: $(STAMP)

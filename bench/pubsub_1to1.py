@@ -57,6 +57,11 @@ def start_daemon(workdir: Path) -> tuple[subprocess.Popen[bytes], Path]:
     raise RuntimeError("hostbusd did not start")
 
 
+def stop_daemon(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(30)
+
+
 def subscriber(sock: str, count: int, ready: Any, result: Any) -> None:
     bus = hostbus.connect(sock, name="bench-sub")
     sub = bus.subscribe("bench.s1", pending_limit=count + 1)
@@ -115,8 +120,7 @@ def one_run(count: int, size: int) -> dict[str, Any]:
             stats = bus.stats()
         rss = peak_rss_kb(proc.pid)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        stop_daemon(proc)
         shutil.rmtree(workdir, ignore_errors=True)
     return {
         "msgs_per_s": sub_res["received"] / sub_res["seconds"],
