@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hostbus import topics
 
@@ -231,13 +231,23 @@ class Config(_Section):
     log: LogConfig = LogConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
 
+    @model_validator(mode="after")
+    def _lines_fit_in_frames(self) -> Config:
+        if self.fifo.max_line_bytes > self.limits.max_frame_bytes:
+            raise ValueError(f"fifo.max_line_bytes ({self.fifo.max_line_bytes}) exceeds limits.max_frame_bytes "
+                             f"({self.limits.max_frame_bytes}): a message from a FIFO must fit in a frame; "
+                             "allowed: at most limits.max_frame_bytes")
+        return self
+
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message names the key, the value and what is allowed."""
 
 
 def _describe(error: dict[str, Any]) -> str:
-    key = ".".join(str(p) for p in error["loc"]) or "(top level)"
+    if not error["loc"]:  # a rule across keys: its message names them
+        return str(error["msg"]).removeprefix("Value error, ")
+    key = ".".join(str(p) for p in error["loc"])
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown key (see config/hostbus.toml for the keys there are)"
     value = error.get("input")

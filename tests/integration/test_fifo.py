@@ -306,3 +306,11 @@ def test_stats_command_shows_fifo_counters(formats: Daemon) -> None:
     time.sleep(0.2)
     out = cli(formats, "stats").stdout
     assert f"fifo ingress {formats.runtime_dir / 'lines.fifo'}: 1 messages (13 bytes), skipped: malformed 1" in out
+
+
+def test_config_keeps_fifo_lines_within_the_frame_limit(workdir: Path) -> None:
+    cfg = workdir / "c.toml"
+    cfg.write_text("[fifo]\nmax_line_bytes = 67108864\n")
+    r = subprocess.run([*HOSTBUSD, "--config", str(cfg), "--check-config"], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "fifo.max_line_bytes (67108864) exceeds limits.max_frame_bytes (8388608)" in r.stderr

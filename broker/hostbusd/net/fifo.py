@@ -137,6 +137,9 @@ class FifoIngress:
                 data = os.read(self.fd, 65536)
             except BlockingIOError:
                 break
+            except OSError as exc:  # not expected from a pipe; keep serving the others
+                self.hub.peer_error("fifo_read_error", None, path=str(self.path), error=exc.strerror)
+                break
             if not data:
                 break
             chunks.append(data)
