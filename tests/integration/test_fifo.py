@@ -314,3 +314,24 @@ def test_config_keeps_fifo_lines_within_the_frame_limit(workdir: Path) -> None:
     r = subprocess.run([*HOSTBUSD, "--config", str(cfg), "--check-config"], capture_output=True, text=True)
     assert r.returncode == 2
     assert "fifo.max_line_bytes (67108864) exceeds limits.max_frame_bytes (8388608)" in r.stderr
+
+
+def test_bad_lines_are_logged_at_most_once_per_interval(start_daemon: Callable[..., Daemon]) -> None:
+    d = start_daemon({"log": {"peer_error_interval": 60}})
+    fifo = d.runtime_dir / "publish.fifo"
+    with d.connect() as bus:
+        sub = bus.subscribe("ok")
+        write(fifo, b"a..b x\n" * 5 + b"nospace\n" * 5 + b"ok yes\n")
+        assert [m.data for m in drain(sub)] == [b"yes"]
+        assert fifo_stats(bus, fifo)["errors"] == {"invalid_topic": 5, "malformed": 5}
+    assert d.log().count('"event": "fifo_bad_input"') == 1
+
+
+def test_a_fifo_that_cannot_be_created_refuses_the_start(workdir: Path) -> None:
+    cfg = workdir / "c.toml"
+    cfg.write_text(f'[[fifo.ingress]]\npath = "{workdir}/no/such/dir/x.fifo"\n')
+    r = subprocess.run([*HOSTBUSD, "--config", str(cfg), "--runtime-dir", str(workdir / "run"), "--state-dir",
+                        str(workdir / "st"), "--log-format", "json"], capture_output=True, text=True, timeout=20)
+    assert r.returncode == 1
+    assert f"cannot create FIFO {workdir}/no/such/dir/x.fifo: No such file or directory" in r.stderr
+    assert not (workdir / "run").exists()  # the socket, publish.fifo and the directory were cleaned up
