@@ -11,11 +11,13 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from hostbus.errors import ErrorCode
 from hostbusd.config import Config, FifoSinkConfig
 from hostbusd.core.hub import Hub, PeerErrorSink
+from hostbusd.core.peer import State
 from hostbusd.net.fifo import FifoIngress, FifoSink, OpenedFifo
 from hostbusd.net.unix import UnixPeer
 
@@ -26,34 +28,30 @@ HOUSEKEEPING_INTERVAL = 0.25
 class Broker:
     def __init__(self, config: Config, listeners: Sequence[socket.socket], fifos: Sequence[OpenedFifo] = (),
                  on_peer_error: PeerErrorSink | None = None) -> None:
-        self.config = config
         self.hub = Hub(config, on_peer_error) if on_peer_error else Hub(config)
         self.listeners = list(listeners)
-        self.fifos = list(fifos)
+        self._initial_fifos = list(fifos)
         self.peers: set[UnixPeer] = set()
-        self.ingress: list[FifoIngress] = []
-        self.sinks: list[FifoSink] = []
+        self.ingress: dict[Path, FifoIngress] = {}
+        self.sinks: dict[Path, FifoSink] = {}
         self._servers: list[asyncio.AbstractServer] = []
 
+    @property
+    def config(self) -> Config:
+        return self.hub.config
+
     async def start(self) -> None:
-        """Accept on every listener and read every publish FIFO. Returns once they all do."""
+        """Read every publish FIFO and accept on every listener. Returns once they all do."""
         loop = asyncio.get_running_loop()
-        for f in self.fifos:
-            if isinstance(f.spec, FifoSinkConfig):
-                self.sinks.append(FifoSink(self.hub, f.path, f.spec.subjects, f.spec.format, f.spec.max_queued_msgs))
-            else:
-                assert f.fd is not None
-                ingress = FifoIngress(self.hub, f.path, f.fd, f.spec.format, f.spec.topic_prefix)
-                f.fd = None  # the ingress owns it now
-                ingress.start()
-                self.ingress.append(ingress)
+        for f in self._initial_fifos:
+            self.add_fifo(f)
+        self._initial_fifos = []
         for sock in self.listeners:
             server = await loop.create_unix_server(lambda: UnixPeer(self.hub, self.peers), sock=sock)
             self._servers.append(server)
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Serve until ``stop`` is set, then drain and close everything."""
-        await self.start()
+    async def serve_until(self, stop: asyncio.Event) -> None:
+        """Housekeeping (timeouts) until ``stop`` is set."""
         loop = asyncio.get_running_loop()
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
@@ -61,17 +59,66 @@ class Broker:
             now = loop.time()
             for peer in list(self.peers):
                 peer.check_timeouts(now)
-            for ingress in self.ingress:
+            for ingress in self.ingress.values():
                 ingress.check_timeouts(now)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Start, serve until ``stop`` is set, then drain and close everything."""
+        await self.start()
+        await self.serve_until(stop)
         await self.shutdown()
+
+    # ---- FIFOs -------------------------------------------------------------------------------------
+
+    def add_fifo(self, f: OpenedFifo) -> None:
+        """Start serving a FIFO the outer layer prepared (and, for a publish FIFO, opened)."""
+        if isinstance(f.spec, FifoSinkConfig):
+            self.sinks[f.path] = FifoSink(self.hub, f.path, f.spec.subjects, f.spec.format, f.spec.max_queued_msgs)
+        else:
+            assert f.fd is not None
+            ingress = FifoIngress(self.hub, f.path, f.fd, f.spec.format, f.spec.topic_prefix)
+            f.fd = None  # the ingress owns the descriptor now
+            ingress.start()
+            self.ingress[f.path] = ingress
+
+    def remove_fifo(self, path: Path) -> None:
+        """Stop serving a FIFO (it left the configuration); the file is the outer layer's business."""
+        ingress = self.ingress.pop(path, None)
+        if ingress is not None:
+            ingress.close()
+        sink = self.sinks.pop(path, None)
+        if sink is not None:
+            sink.stop()
+        self.hub.fifos.pop(str(path), None)
+
+    # ---- reload and stop ------------------------------------------------------------------------------
+
+    def reload(self, config: Config) -> list[str]:
+        """Apply a new configuration to everything running; returns what could not change live.
+
+        Limits, defaults, retained bounds and log settings take effect at once (for existing
+        connections too). FIFOs are added and removed by the caller through :meth:`add_fifo` and
+        :meth:`remove_fifo`. The runtime and state directories and the socket's modes are fixed
+        for the life of the process.
+        """
+        old = self.hub.config
+        needs_restart = [key for key, a, b in (
+            ("runtime_dir", old.runtime_dir, config.runtime_dir),
+            ("state_dir", old.state_dir, config.state_dir),
+            ("socket", old.socket, config.socket),
+        ) if a != b]
+        self.hub.apply_config(config)
+        for peer in self.peers:
+            if peer.core is not None and peer.core.state is State.OPEN:
+                peer.core.decoder.max_frame = config.limits.max_frame_bytes
+        return needs_restart
 
     async def shutdown(self) -> None:
         """Stop accepting, deliver what is queued within ``shutdown.drain_timeout``, close every peer."""
         for server in self._servers:
             server.close()
-        for ingress in self.ingress:
-            ingress.close()
-        self.ingress.clear()
+        for path in list(self.ingress):
+            self.remove_fifo(path)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.shutdown.drain_timeout
         while loop.time() < deadline and any(self._has_output(p) for p in self.peers):
@@ -86,9 +133,8 @@ class Broker:
             await asyncio.wait(waits, timeout=self.config.limits.close_timeout + 1)
             for w in waits:
                 w.cancel()
-        for sink in self.sinks:
-            sink.stop()
-        self.sinks.clear()
+        for path in list(self.sinks):
+            self.remove_fifo(path)
         for server in self._servers:
             await server.wait_closed()
 

@@ -193,8 +193,10 @@ class StatsConfig(_Section):
 
 
 class LogConfig(_Section):
-    format: Literal["auto", "console", "json"] = Field(
-        "auto", description="auto: readable console lines on a terminal, JSON lines otherwise (journald)."
+    format: Literal["auto", "console", "json", "journal"] = Field(
+        "auto", description="auto: journal lines when stderr goes to the journal, readable console lines on a "
+        "terminal, JSON lines otherwise. journal: JSON lines with a <priority> prefix that journald turns into "
+        "the entry's PRIORITY.",
     )
     level: Literal["debug", "info", "warning", "error"] = Field("info", description="Lowest level logged.")
     peer_error_interval: float = Field(

@@ -17,13 +17,27 @@ import structlog
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
-def configure(fmt: str, level: str, stream: TextIO | None = None) -> None:
+#: syslog priorities for the journal's ``<N>`` line prefix.
+_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
+
+
+def _journal_renderer(logger: Any, name: str, event: dict[str, Any]) -> str:
+    """A JSON line with the syslog priority as a ``<N>`` prefix, which journald turns into PRIORITY."""
+    priority = _PRIORITY.get(str(event.get("level", "info")), 6)
+    return f"<{priority}>" + structlog.processors.JSONRenderer()(logger, name, event)  # type: ignore[operator]
+
+
+def configure(fmt: str, level: str, stream: TextIO | None = None, journal: bool = False) -> None:
+    """Set up structlog. ``fmt`` auto: journal lines if ``journal`` (stderr goes to the journal),
+    console on a terminal, JSON lines otherwise."""
     stream = stream or sys.stderr
     if fmt == "auto":
-        fmt = "console" if stream.isatty() else "json"
+        fmt = "journal" if journal else "console" if stream.isatty() else "json"
     renderer: Any
     if fmt == "json":
         renderer = structlog.processors.JSONRenderer()
+    elif fmt == "journal":
+        renderer = _journal_renderer
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
     structlog.configure(

@@ -13,11 +13,12 @@ import signal
 import socket
 import stat
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from hostbus import paths
-from hostbusd import __version__, logs
+from hostbusd import __version__, logs, systemd
 from hostbusd.broker import Broker
 from hostbusd.config import Config, ConfigError, FifoIngressConfig, FifoSinkConfig, json_schema, load
 from hostbusd.errors import StartupError
@@ -45,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", metavar="DIR",
                    help="directory of stored state (default: /var/lib/hostbus for root, else "
                    "$XDG_STATE_HOME/hostbus, else ~/.local/state/hostbus)")
-    p.add_argument("--log-format", choices=["auto", "console", "json"],
-                   help="console lines, JSON lines, or auto: console on a terminal, JSON otherwise")
+    p.add_argument("--log-format", choices=["auto", "console", "json", "journal"],
+                   help="console lines, JSON lines, journal (JSON with a <priority> prefix), or auto: journal when "
+                   "stderr is the journal, console on a terminal, JSON otherwise")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="lowest level logged")
     p.add_argument("--check-config", action="store_true",
                    help="validate the configuration, print the effective one as JSON, and exit")
@@ -154,40 +156,206 @@ _early_signals: list[int] = []
 
 
 def _catch_early_signals() -> None:
-    """Until the event loop takes over, remember SIGTERM/SIGINT instead of dying uncleanly."""
+    """Until the event loop takes over, remember SIGTERM/SIGINT/SIGHUP instead of dying uncleanly."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: _early_signals.append(signum))
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
-async def serve(config: Config, sock: socket.socket, sock_path: Path, fifos: list[OpenedFifo], log: Any) -> int:
+FifoSpec = FifoIngressConfig | FifoSinkConfig
+
+
+class Runtime:
+    """What the outer layer owns for the daemon's life: files, passed descriptors, systemd."""
+
+    def __init__(self, args: argparse.Namespace, config: Config, log: Any, notifier: systemd.Notifier) -> None:
+        self.args = args
+        self.config = config
+        self.log = log
+        self.notifier = notifier
+        self.runtime_dir, self.state_dir = resolve_dirs(config)
+        self.sock_path = self.runtime_dir / paths.SOCKET_NAME
+        self.owned: list[tuple[Path, int]] = []  # files this run made or took over: removed at exit
+        self.created_runtime_dir = False
+        self.passed_fifos: dict[tuple[int, int], int] = {}  # (dev, inode) -> fd, from socket activation
+        self.fifo_specs: dict[Path, FifoSpec] = {}
+        self.fifo_fds: list[int] = []  # opened, not yet handed to the broker
+
+    # ---- descriptors from systemd ------------------------------------------------------------------
+
+    def adopt(self, passed: list[tuple[int, str]]) -> list[socket.socket]:
+        """Sort passed descriptors: the configured socket, FIFOs (matched later), or a refusal."""
+        listeners = []
+        for fd, name in passed:
+            label = f"descriptor {fd}" + (f" ({name})" if name else "")
+            st = os.fstat(fd)
+            if stat.S_ISSOCK(st.st_mode):
+                sock = socket.socket(fileno=fd)
+                where = sock.getsockname()
+                if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM or where != str(self.sock_path):
+                    raise StartupError(f"passed {label} is the socket {where!r}, but the configured socket is "
+                                       f"{self.sock_path}: make ListenStream= and --runtime-dir agree")
+                if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                    raise StartupError(f"passed {label} is not a listening socket")
+                sock.setblocking(False)
+                listeners.append(sock)
+            elif stat.S_ISFIFO(st.st_mode):
+                self.passed_fifos[(st.st_dev, st.st_ino)] = fd
+            else:
+                raise StartupError(f"passed {label} is neither a listening socket nor a FIFO")
+        if len(listeners) > 1:
+            raise StartupError("more than one listening socket was passed; hostbusd serves one")
+        return listeners
+
+    # ---- FIFOs ------------------------------------------------------------------------------------------
+
+    def fifo_plan(self, config: Config) -> dict[Path, FifoSpec]:
+        cfg = config.fifo
+        plan: dict[Path, FifoSpec] = {}
+        specs: list[FifoSpec] = [*cfg.ingress, *cfg.sink]
+        if cfg.default_ingress:
+            specs.insert(0, FifoIngressConfig(path=DEFAULT_FIFO))
+        for spec in specs:
+            path = self.runtime_dir / spec.path  # an absolute path stays as it is
+            if path in plan or path == self.sock_path:
+                raise StartupError(f"FIFO path {path} is used twice in the configuration")
+            plan[path] = spec
+        return plan
+
+    def open_fifo(self, path: Path, spec: FifoSpec) -> OpenedFifo:
+        """A passed FIFO if one is this path, else create or check it (then it is ours to remove)."""
+        fd = None
+        try:
+            st = os.stat(path)
+            fd = self.passed_fifos.pop((st.st_dev, st.st_ino), None)
+        except FileNotFoundError:
+            pass
+        if fd is not None:  # systemd's: never unlinked by us, mode and group are the unit's
+            if isinstance(spec, FifoSinkConfig):
+                os.close(fd)
+                return OpenedFifo(path, None, spec)
+            os.set_blocking(fd, False)
+            return OpenedFifo(path, fd, spec)
+        prepare_fifo(path, spec.mode, spec.group)
+        entry = (path, os.lstat(path).st_ino)
+        if entry not in self.owned:
+            self.owned.append(entry)
+        if isinstance(spec, FifoSinkConfig):
+            return OpenedFifo(path, None, spec)
+        fd = open_ingress(path, self.config.fifo.pipe_bytes)
+        self.fifo_fds.append(fd)
+        return OpenedFifo(path, fd, spec)
+
+    def open_fifos(self) -> list[OpenedFifo]:
+        self.fifo_specs = self.fifo_plan(self.config)
+        opened = [self.open_fifo(path, spec) for path, spec in self.fifo_specs.items()]
+        if self.passed_fifos:
+            raise StartupError(f"{len(self.passed_fifos)} passed FIFO(s) match no configured FIFO: make "
+                               "ListenFIFO= and the [fifo] configuration agree")
+        return opened
+
+    def forget(self, path: Path) -> None:
+        """Remove a FIFO this run owns (it left the configuration)."""
+        for entry in [e for e in self.owned if e[0] == path]:
+            self.owned.remove(entry)
+            with contextlib.suppress(OSError):
+                if os.lstat(path).st_ino == entry[1]:
+                    os.unlink(path)
+
+    # ---- reload -----------------------------------------------------------------------------------------
+
+    def reload(self, broker: Broker) -> None:
+        """SIGHUP: re-read the configuration file; apply it, or keep the running one and say why."""
+        self.notifier.send(RELOADING=1, MONOTONIC_USEC=time.monotonic_ns() // 1000)
+        try:
+            config = load(self.args.config, overrides_from(self.args))
+            plan = self.fifo_plan(config)
+        except (ConfigError, StartupError) as exc:
+            self.log.error("reload_failed", reason=str(exc), detail="the running configuration is kept")
+            self.notifier.send(READY=1, STATUS=f"reload failed, running configuration kept: {exc}"[:500])
+            return
+        added: list[OpenedFifo] = []
+        try:
+            for path, spec in plan.items():
+                if path not in self.fifo_specs:
+                    added.append(self.open_fifo(path, spec))
+        except (StartupError, OSError) as exc:
+            for f in added:
+                if f.fd is not None:
+                    os.close(f.fd)
+                self.forget(f.path)
+            self.log.error("reload_failed", reason=str(exc), detail="the running configuration is kept")
+            self.notifier.send(READY=1, STATUS=f"reload failed, running configuration kept: {exc}"[:500])
+            return
+        for path, spec in list(self.fifo_specs.items()):
+            if plan.get(path) != spec:  # removed or changed: stop it (a changed one is reopened below)
+                broker.remove_fifo(path)
+                if path not in plan:
+                    self.forget(path)
+                else:
+                    added.append(self.open_fifo(path, plan[path]))
+        for f in added:
+            broker.add_fifo(f)
+        self.fifo_fds.clear()
+        self.fifo_specs = plan
+        needs_restart = broker.reload(config)
+        self.config = config
+        logs.configure(config.log.format, config.log.level, journal=systemd.stderr_is_journal(os.environ))
+        self.log = logs.get_logger()
+        self.log.info("reloaded", fifos=[str(p) for p in plan], needs_restart=needs_restart)
+        self.notifier.send(READY=1, STATUS=status_line(broker))
+
+
+def status_line(broker: Broker) -> str:
+    st = broker.stats()
+    m = st["messages"]
+    return (f"{st['connections']} connections, {st['subscriptions']} subscriptions, {m['in']} messages in, "
+            f"{m['out']} out, {m['dropped']} dropped")
+
+
+async def serve(rt: Runtime, listeners: list[socket.socket], fifos: list[OpenedFifo]) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     status = {"code": EXIT_OK}
-    peer_log = logs.RateLimitedLog(config.log.peer_error_interval)
+    peer_log = logs.RateLimitedLog(rt.config.log.peer_error_interval)
 
     def internal_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
-        log.error("internal_error", message=context.get("message"), exc_info=exc)
+        rt.log.error("internal_error", message=context.get("message"), exc_info=exc)
         status["code"] = EXIT_INTERNAL
         stop.set()
 
     loop.set_exception_handler(internal_error)
+    broker = Broker(rt.config, listeners, fifos, on_peer_error=peer_log.warning)
+    rt.fifo_fds.clear()  # the broker owns them now
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: log.warning(
-        "reload_unsupported", detail="this version does not reload; the configuration is unchanged"))
-    if _early_signals:
+    loop.add_signal_handler(signal.SIGHUP, rt.reload, broker)
+    if signal.SIGINT in _early_signals or signal.SIGTERM in _early_signals:
         stop.set()
-    broker = Broker(config, [sock], fifos, on_peer_error=peer_log.warning)
-    runner = asyncio.ensure_future(broker.run(stop))
-    await asyncio.sleep(0)
-    log.info("started", socket=str(sock_path), fifos=[str(f.path) for f in fifos], pid=os.getpid(),
-             version=__version__)
-    await runner
+    await broker.start()
+    notifier = rt.notifier
+    notifier.send(READY=1, STATUS=status_line(broker))
+    rt.log.info("started", socket=str(rt.sock_path), fifos=[str(p) for p in rt.fifo_specs], pid=os.getpid(),
+                version=__version__, socket_activated=rt.sock_path not in {p for p, _ in rt.owned})
+
+    def tick() -> None:
+        # From the event loop itself: if the loop is stuck, the pings stop and systemd acts.
+        notifier.send(WATCHDOG=1, STATUS=status_line(broker))
+        handles[0] = loop.call_later(interval, tick)
+
+    interval = notifier.watchdog_interval or 5.0
+    handles = [loop.call_later(0 if notifier.watchdog_interval else interval, tick)] if notifier.enabled else []
+    try:
+        await broker.serve_until(stop)
+    finally:
+        for h in handles:
+            h.cancel()
+    notifier.send(STOPPING=1, STATUS="stopping: delivering queued messages")
+    await broker.shutdown()
     st = broker.stats()
-    log.info("stopped", messages_in=st["messages"]["in"], messages_out=st["messages"]["out"],
-             dropped=st["messages"]["dropped"], connections_total=st["connections_total"])
+    rt.log.info("stopped", messages_in=st["messages"]["in"], messages_out=st["messages"]["out"],
+                dropped=st["messages"]["dropped"], connections_total=st["connections_total"])
     return status["code"]
 
 
@@ -205,73 +373,50 @@ def main(argv: list[str] | None = None) -> int:
         print(config.model_dump_json(indent=2))
         print("hostbusd: configuration OK", file=sys.stderr)
         return EXIT_OK
-    logs.configure(config.log.format, config.log.level)
-    log = logs.get_logger()
+    logs.configure(config.log.format, config.log.level, journal=systemd.stderr_is_journal(os.environ))
+    rt = Runtime(args, config, logs.get_logger(), systemd.Notifier(os.environ))
     root = os.getuid() == 0
     dir_mode = config.socket.dir_mode if config.socket.dir_mode is not None else (0o755 if root else 0o700)
     sock_mode = config.socket.mode if config.socket.mode is not None else (0o666 if root else 0o600)
-    runtime_dir, state_dir = resolve_dirs(config)
-    sock_path = runtime_dir / paths.SOCKET_NAME
     _catch_early_signals()
-    ensure_fd_limit(config.limits.max_connections, log)
-    owned: list[tuple[Path, int]] = []  # files this run made or took over: (path, inode), removed at exit
-    created_runtime_dir = False
-    fifos: list[OpenedFifo] = []
+    ensure_fd_limit(config.limits.max_connections, rt.log)
+    listeners: list[socket.socket] = []
     try:
         try:
-            created_runtime_dir = prepare_dir(runtime_dir, dir_mode)
-            prepare_dir(state_dir, 0o700)
-            sock = bind_socket(sock_path, sock_mode)
-            owned.append((sock_path, os.stat(sock_path).st_ino))
-            fifos = open_fifos(config, runtime_dir, owned)
+            listeners = rt.adopt(systemd.listen_fds(os.environ))
+            rt.created_runtime_dir = prepare_dir(rt.runtime_dir, dir_mode)
+            prepare_dir(rt.state_dir, 0o700)
+            if not listeners:
+                listeners = [bind_socket(rt.sock_path, sock_mode)]
+                rt.owned.append((rt.sock_path, os.stat(rt.sock_path).st_ino))
+            fifos = rt.open_fifos()
         except StartupError as exc:
-            log.error("cannot_start", reason=str(exc))
+            rt.log.error("cannot_start", reason=str(exc))
             return EXIT_STARTUP
         except OSError as exc:
-            log.error("cannot_start", reason=f"{exc.filename}: {exc.strerror}")
+            rt.log.error("cannot_start", reason=f"{exc.filename}: {exc.strerror}")
             return EXIT_STARTUP
-        try:
-            import uvloop  # noqa: PLC0415 - only the running daemon needs it
+        import uvloop  # noqa: PLC0415 - only the running daemon needs it
 
-            return uvloop.run(serve(config, sock, sock_path, fifos, log))
-        finally:
-            sock.close()
+        return uvloop.run(serve(rt, listeners, fifos))
     finally:
-        for f in fifos:
-            if f.fd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(f.fd)
-        for path, inode in owned:
+        for sock in listeners:
+            sock.close()
+        for fd in [*rt.fifo_fds, *rt.passed_fifos.values()]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        for path, inode in rt.owned:
             try:
                 if os.lstat(path).st_ino == inode:
                     os.unlink(path)
             except OSError as exc:
                 if exc.errno != errno.ENOENT:
-                    log.warning("cannot_remove", path=str(path), error=exc.strerror)
-        if created_runtime_dir:
+                    rt.log.warning("cannot_remove", path=str(path), error=exc.strerror)
+        if rt.created_runtime_dir:
             with contextlib.suppress(OSError):  # only if empty: never remove what others put there
-                runtime_dir.rmdir()
+                rt.runtime_dir.rmdir()
+        rt.notifier.close()
 
-
-def open_fifos(config: Config, runtime_dir: Path, owned: list[tuple[Path, int]]) -> list[OpenedFifo]:
-    """Create or check every configured FIFO and open the publish ones (reading starts later)."""
-    cfg = config.fifo
-    plan: list[tuple[Path, FifoIngressConfig | FifoSinkConfig]] = []
-    if cfg.default_ingress:
-        plan.append((runtime_dir / DEFAULT_FIFO, FifoIngressConfig(path=DEFAULT_FIFO)))
-    specs: list[FifoIngressConfig | FifoSinkConfig] = [*cfg.ingress, *cfg.sink]
-    plan += [(runtime_dir / spec.path, spec) for spec in specs]  # an absolute path stays as it is
-    seen: set[Path] = set()
-    opened: list[OpenedFifo] = []
-    for path, spec in plan:
-        if path in seen or path == runtime_dir / paths.SOCKET_NAME:
-            raise StartupError(f"FIFO path {path} is used twice in the configuration")
-        seen.add(path)
-        prepare_fifo(path, spec.mode, spec.group)
-        owned.append((path, os.lstat(path).st_ino))
-        fd = open_ingress(path, cfg.pipe_bytes) if isinstance(spec, FifoIngressConfig) else None
-        opened.append(OpenedFifo(path, fd, spec))
-    return opened
 
 if __name__ == "__main__":
     sys.exit(main())

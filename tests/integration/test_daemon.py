@@ -106,7 +106,7 @@ def test_directory_and_socket_modes_are_set_before_the_socket_exists(start_daemo
 
 @pytest.mark.parametrize(("toml", "expected"), [
     ("[limits]\nmax_frame_bytes = 10\n", ["limits.max_frame_bytes = 10", "greater than or equal to 65536"]),
-    ("[log]\nformat = \"xml\"\n", ["log.format = 'xml'", "'auto', 'console' or 'json'"]),
+    ("[log]\nformat = \"xml\"\n", ["log.format = 'xml'", "'auto', 'console', 'json' or 'journal'"]),
     ("[limits]\nmax_connectoins = 5\n", ["limits.max_connectoins", "unknown key"]),
     ("[subscriptions]\npolicy = \"block\"\n", ["subscriptions.policy = 'block'", "drop-oldest"]),
     ("limits = 3\n", ["limits = 3"]),

@@ -46,6 +46,19 @@ class Hub:
         self.closed_totals = {"msgs_out": 0, "bytes_out": 0, "dropped": 0}
         self.fifos: dict[str, FifoEntry] = {}  # path -> publish FIFO or sink, for the stats
 
+    def apply_config(self, config: Config) -> None:
+        """A reloaded configuration: new bounds for the router and for every open session."""
+        self.config = config
+        lim = config.limits
+        router = self.router
+        router.max_subscriptions = lim.max_subscriptions_per_connection
+        router.retained.max_topics = config.retained.max_topics
+        router.retained.max_bytes = config.retained.max_bytes
+        router.stats_max_topics = config.stats.max_topics
+        for session in self.sessions:
+            session.batch_bytes = lim.write_batch_bytes
+            session.max_queued_bytes = lim.max_queued_bytes_per_connection
+
     def identity(self, uid: int, gid: int, pid: int, origin: str = "") -> Identity:
         return Identity(next(self._refs), uid, gid, pid, origin)
 
