@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint typecheck pytest bench schema clean
+.PHONY: run test lint typecheck pytest bench schema clean install-systemd uninstall-systemd
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "hostbus needs Python 3.11 or newer; set PYTHON=python3.11")'
@@ -39,6 +39,38 @@ bench: $(STAMP)
 ## schema: regenerate config/hostbus.schema.json from the configuration models
 schema: $(STAMP)
 	$(BIN)/hostbusd --print-schema > config/hostbus.schema.json
+
+## install-systemd: install hostbus in /opt/hostbus, its units, the example configuration (as root)
+PREFIX   ?= /usr/local
+OPT      ?= /opt/hostbus
+UNITDIR  ?= /etc/systemd/system
+UUNITDIR ?= /etc/systemd/user
+install-systemd:
+	@[ "$$(id -u)" = 0 ] || { echo "make install-systemd must run as root" >&2; exit 1; }
+	$(PYTHON) -m venv $(OPT)
+	$(OPT)/bin/python -m pip install --quiet --upgrade pip
+	$(OPT)/bin/python -m pip install --quiet .
+	ln -sf $(OPT)/bin/hostbusd $(PREFIX)/bin/hostbusd
+	ln -sf $(OPT)/bin/hostbus $(PREFIX)/bin/hostbus
+	getent group hostbus >/dev/null || groupadd --system hostbus
+	id -u hostbus >/dev/null 2>&1 || useradd --system --gid hostbus --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin hostbus
+	install -d -m 0755 /etc/hostbus $(PREFIX)/share/doc/hostbus
+	[ -e /etc/hostbus/hostbus.toml ] || install -m 0644 config/hostbus.toml /etc/hostbus/hostbus.toml
+	install -m 0644 docs/operations.md docs/fifo.md docs/protocol.md $(PREFIX)/share/doc/hostbus/
+	install -m 0644 systemd/hostbus.socket systemd/hostbus.service $(UNITDIR)/
+	install -d -m 0755 $(UUNITDIR)
+	install -m 0644 systemd/user/hostbus.socket systemd/user/hostbus.service $(UUNITDIR)/
+	if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	@echo "installed; now: systemctl enable --now hostbus.socket"
+
+## uninstall-systemd: stop and remove what install-systemd installed (keeps /etc/hostbus, /var/lib/hostbus)
+uninstall-systemd:
+	@[ "$$(id -u)" = 0 ] || { echo "make uninstall-systemd must run as root" >&2; exit 1; }
+	if [ -d /run/systemd/system ]; then systemctl disable --now hostbus.service hostbus.socket || true; fi
+	rm -f $(UNITDIR)/hostbus.socket $(UNITDIR)/hostbus.service $(UUNITDIR)/hostbus.socket $(UUNITDIR)/hostbus.service
+	rm -f $(PREFIX)/bin/hostbusd $(PREFIX)/bin/hostbus
+	rm -rf $(OPT) $(PREFIX)/share/doc/hostbus
+	if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
