@@ -111,6 +111,8 @@ class Broker:
         for peer in self.peers:
             if peer.core is not None and peer.core.state is State.OPEN:
                 peer.core.decoder.max_frame = config.limits.max_frame_bytes
+        for ingress in self.ingress.values():
+            ingress.parser.max_line_bytes = config.fifo.max_line_bytes
         return needs_restart
 
     async def shutdown(self) -> None:

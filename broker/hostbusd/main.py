@@ -287,6 +287,8 @@ class Runtime:
             self.log.error("reload_failed", reason=str(exc), detail="the running configuration is kept")
             self.notifier.send(READY=1, STATUS=f"reload failed, running configuration kept: {exc}"[:500])
             return
+        needs_restart = broker.reload(config)  # first, so new FIFOs are read with the new settings
+        self.config = config
         for path, spec in list(self.fifo_specs.items()):
             if plan.get(path) != spec:  # removed or changed: stop it (a changed one is reopened below)
                 broker.remove_fifo(path)
@@ -298,8 +300,6 @@ class Runtime:
             broker.add_fifo(f)
         self.fifo_fds.clear()
         self.fifo_specs = plan
-        needs_restart = broker.reload(config)
-        self.config = config
         logs.configure(config.log.format, config.log.level, journal=systemd.stderr_is_journal(os.environ))
         self.log = logs.get_logger()
         self.log.info("reloaded", fifos=[str(p) for p in plan], needs_restart=needs_restart)
