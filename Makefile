@@ -52,9 +52,15 @@ PREFIX   ?= /usr/local
 OPT      ?= /opt/hostbus
 UNITDIR  ?= /etc/systemd/system
 UUNITDIR ?= /etc/systemd/user
+# The service runs as user hostbus with ProtectHome=yes: its interpreter must live outside /root
+# and /home (a pyenv or ~/.local Python would be invisible to it), so use the system's.
+SYSTEM_PYTHON ?= /usr/bin/python3
 install-systemd:
 	@[ "$$(id -u)" = 0 ] || { echo "make install-systemd must run as root" >&2; exit 1; }
-	$(PYTHON) -m venv $(OPT)
+	@case "$$(readlink -f $(SYSTEM_PYTHON))" in /root/*|/home/*) echo "make: $(SYSTEM_PYTHON) lives under /root or /home, which the service cannot see; set SYSTEM_PYTHON=" >&2; exit 1;; esac
+	@$(SYSTEM_PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "hostbus needs Python 3.11 or newer: set SYSTEM_PYTHON=")'
+	rm -rf $(OPT)
+	$(SYSTEM_PYTHON) -m venv $(OPT)
 	$(OPT)/bin/python -m pip install --quiet --upgrade pip
 	$(OPT)/bin/python -m pip install --quiet .
 	ln -sf $(OPT)/bin/hostbusd $(PREFIX)/bin/hostbusd
