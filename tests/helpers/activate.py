@@ -1,8 +1,9 @@
 """Start hostbusd the way systemd's socket activation does: descriptors at 3, 4, ... and LISTEN_*.
 
-Used as ``python tests/helpers/activate.py FD,FD NAMES -- hostbusd-args...``: it moves the given
+Used as ``python tests/helpers/activate.py FD,FD NAMES -- COMMAND ARGS...``: it moves the given
 descriptors to 3, 4, ..., sets LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID (its own pid, which
-``exec`` keeps) and executes ``python -m hostbusd``.
+``exec`` keeps) and executes COMMAND (``hostbusd``, or ``systemd-socket-activate``, which passes
+such descriptors on to its child together with its own socket).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def main() -> None:
         os.dup2(fd, 3 + i, inheritable=True)
         os.close(fd)
     os.environ.update(LISTEN_FDS=str(len(fds)), LISTEN_FDNAMES=names, LISTEN_PID=str(os.getpid()))
-    os.execv(sys.executable, [sys.executable, "-m", "hostbusd", *args])
+    os.execvp(args[0], args)
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ class NotifyListener:
 
 def launch(fds: list[int], names: str, args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
-        return subprocess.Popen([sys.executable, ACTIVATE, ",".join(map(str, fds)), names, "--", *args],
+        return subprocess.Popen([sys.executable, ACTIVATE, ",".join(map(str, fds)), names, "--", *HOSTBUSD, *args],
                                 pass_fds=fds, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
@@ -190,11 +190,17 @@ def test_activation_notify_watchdog_reload_and_stop(workdir: Path) -> None:
 def test_started_by_systemd_socket_activate(workdir: Path) -> None:
     run = workdir / "run"
     run.mkdir(mode=0o700)
-    sock_path = run / "hostbus.sock"
+    sock_path, fifo_path = run / "hostbus.sock", run / "publish.fifo"
+    os.mkfifo(fifo_path, 0o600)
+    fifo_fd = os.open(fifo_path, os.O_RDWR | os.O_NONBLOCK)
     log = (workdir / "log").open("wb")
-    proc = subprocess.Popen(["systemd-socket-activate", "-l", str(sock_path), "--fdname=hostbus",
-                             "-E", "PYTHONPATH", HOSTBUSD_BIN, "--runtime-dir", str(run), "--state-dir",
-                             str(workdir / "state"), "--log-format", "json"], stdout=log, stderr=subprocess.STDOUT)
+    # systemd-socket-activate passes descriptors it was itself given (here the FIFO, as a service
+    # manager would) on to the daemon, followed by its own listening socket.
+    proc = subprocess.Popen([sys.executable, ACTIVATE, str(fifo_fd), "publish", "--",
+                             "systemd-socket-activate", "-l", str(sock_path), "--fdname=publish:hostbus",
+                             HOSTBUSD_BIN, "--runtime-dir", str(run), "--state-dir", str(workdir / "state"),
+                             "--log-format", "json"], pass_fds=[fifo_fd], stdout=log, stderr=subprocess.STDOUT)
+    os.close(fifo_fd)
     try:
         for _ in range(200):  # systemd-socket-activate binds the socket first
             if sock_path.exists():
@@ -202,9 +208,12 @@ def test_started_by_systemd_socket_activate(workdir: Path) -> None:
             time.sleep(0.02)
         # This connection makes systemd-socket-activate start the daemon, which then serves it.
         with hostbus.connect(sock_path, timeout=30) as bus:
-            sub = bus.subscribe("sa")
-            bus.publish("sa", b"activated")
+            sub = bus.subscribe("sa.>")
+            bus.publish("sa.sock", b"activated")
             assert sub.next(timeout=10).data == b"activated"
+            with open(fifo_path, "wb") as w:
+                w.write(b"sa.fifo passed through\n")
+            assert sub.next(timeout=10).data == b"passed through"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
     finally:
@@ -212,7 +221,7 @@ def test_started_by_systemd_socket_activate(workdir: Path) -> None:
             proc.kill()
             proc.wait()
         log.close()
-    assert sock_path.exists()  # it was handed to us: not ours to unlink
+    assert sock_path.exists() and fifo_path.is_fifo()  # handed to us: not ours to unlink
     lines = (workdir / "log").read_text().splitlines()  # systemd-socket-activate's own lines first
     started = json.loads(next(line for line in lines if line.startswith("{")))
     assert started["event"] == "started" and started["socket_activated"] is True
