@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hostbus.errors import ErrorCode
+from hostbus.errors import ErrorCode, HostbusError
 from hostbusd.config import Config, FifoSinkConfig
 from hostbusd.core.hub import Hub, PeerErrorSink
 from hostbusd.core.peer import State
@@ -61,6 +61,8 @@ class Broker:
                 peer.check_timeouts(now)
             for ingress in self.ingress.values():
                 ingress.check_timeouts(now)
+            for sink in self.sinks.values():
+                sink.check_reader()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Start, serve until ``stop`` is set, then drain and close everything."""
@@ -80,6 +82,15 @@ class Broker:
             f.fd = None  # the ingress owns the descriptor now
             ingress.start()
             self.ingress[f.path] = ingress
+
+    def check_sink(self, subjects: list[str], config: Config) -> None:
+        """Raise if a sink with ``subjects`` could not subscribe under ``config`` (before a reload)."""
+        problems = []
+        if len(subjects) > config.limits.max_subscriptions_per_connection:
+            problems.append(f"{len(subjects)} subjects exceed limits.max_subscriptions_per_connection")
+        problems += [f"{p!r}: inbox topics cannot be subscribed" for p in subjects if p.split(".")[0] == "_INBOX"]
+        if problems:
+            raise HostbusError("FIFO sink: " + "; ".join(problems))
 
     def remove_fifo(self, path: Path) -> None:
         """Stop serving a FIFO (it left the configuration); the file is the outer layer's business."""

@@ -234,6 +234,18 @@ class Config(_Section):
     shutdown: ShutdownConfig = ShutdownConfig()
 
     @model_validator(mode="after")
+    def _sinks_can_subscribe(self) -> Config:
+        for i, sink in enumerate(self.fifo.sink):
+            if len(sink.subjects) > self.limits.max_subscriptions_per_connection:
+                raise ValueError(f"fifo.sink.{i}.subjects has {len(sink.subjects)} patterns, more than "
+                                 "limits.max_subscriptions_per_connection allows")
+            for pattern in sink.subjects:
+                if pattern.split(".")[0] == "_INBOX":
+                    raise ValueError(f"fifo.sink.{i}.subjects: {pattern!r} names reply inboxes, which cannot be "
+                                     "subscribed; allowed: any other pattern")
+        return self
+
+    @model_validator(mode="after")
     def _lines_fit_in_frames(self) -> Config:
         if self.fifo.max_line_bytes > self.limits.max_frame_bytes:
             raise ValueError(f"fifo.max_line_bytes ({self.fifo.max_line_bytes}) exceeds limits.max_frame_bytes "
@@ -285,6 +297,8 @@ def load(path: Path | None, overrides: dict[str, Any] | None = None) -> Config:
             raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}): TOML files must be UTF-8") from None
     return parse(data, overrides)
 
 

@@ -50,7 +50,7 @@ def configure(fmt: str, level: str, stream: TextIO | None = None, journal: bool 
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         logger_factory=structlog.PrintLoggerFactory(stream),
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=False,  # a reload may change the level and format
     )
 
 
@@ -70,6 +70,7 @@ class RateLimitedLog:
 
     def warning(self, kind: str, **fields: Any) -> bool:
         """Log (True) or count (False) one event of ``kind``."""
+        self._log = get_logger()  # the current configuration (a reload may have changed it)
         now = self._clock()
         last = self._last.get(kind)
         if last is not None and now - last < self.interval:

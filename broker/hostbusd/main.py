@@ -178,8 +178,10 @@ class Runtime:
         self.owned: list[tuple[Path, int]] = []  # files this run made or took over: removed at exit
         self.created_runtime_dir = False
         self.passed_fifos: dict[tuple[int, int], int] = {}  # (dev, inode) -> fd, from socket activation
+        self.systemd_fifos: dict[Path, int] = {}  # passed FIFOs matched to a path: kept open, never removed
         self.fifo_specs: dict[Path, FifoSpec] = {}
         self.fifo_fds: list[int] = []  # opened, not yet handed to the broker
+        self.stopping = False
 
     # ---- descriptors from systemd ------------------------------------------------------------------
 
@@ -216,46 +218,80 @@ class Runtime:
         if cfg.default_ingress:
             specs.insert(0, FifoIngressConfig(path=DEFAULT_FIFO))
         for spec in specs:
-            path = self.runtime_dir / spec.path  # an absolute path stays as it is
+            path = Path(os.path.normpath(self.runtime_dir / spec.path))  # an absolute path stays as it is
             if path in plan or path == self.sock_path:
                 raise StartupError(f"FIFO path {path} is used twice in the configuration")
             plan[path] = spec
         return plan
 
     def open_fifo(self, path: Path, spec: FifoSpec) -> OpenedFifo:
-        """A passed FIFO if one is this path, else create or check it (then it is ours to remove)."""
-        fd = None
-        try:
+        """A FIFO systemd passed for this path, else create or check it.
+
+        systemd's FIFOs are remembered for the process's life and handed out as duplicates, so a
+        reload that changes one reopens the same pipe and never chmods or removes it. A FIFO this
+        process creates, or finds in its own runtime directory, is its own: removed at exit.
+        """
+        with contextlib.suppress(FileNotFoundError):
             st = os.stat(path)
             fd = self.passed_fifos.pop((st.st_dev, st.st_ino), None)
-        except FileNotFoundError:
-            pass
-        if fd is not None:  # systemd's: never unlinked by us, mode and group are the unit's
-            if isinstance(spec, FifoSinkConfig):
-                os.close(fd)
-                return OpenedFifo(path, None, spec)
-            os.set_blocking(fd, False)
-            return OpenedFifo(path, fd, spec)
-        prepare_fifo(path, spec.mode, spec.group)
-        entry = (path, os.lstat(path).st_ino)
-        if entry not in self.owned:
-            self.owned.append(entry)
+            if fd is not None:
+                self.systemd_fifos[path] = fd
+            if path in self.systemd_fifos:
+                if isinstance(spec, FifoSinkConfig):
+                    raise StartupError(f"{path} was passed in by systemd (ListenFIFO=), which holds it open for "
+                                       "reading: it cannot be a sink (a sink must see when nobody reads)")
+                dup = os.dup(self.systemd_fifos[path])
+                os.set_blocking(dup, False)
+                self.fifo_fds.append(dup)
+                return OpenedFifo(path, dup, spec)
+        created = prepare_fifo(path, spec.mode, spec.group)
+        if created or path.parent == self.runtime_dir:
+            entry = (path, os.lstat(path).st_ino)
+            if entry not in self.owned:
+                self.owned.append(entry)
         if isinstance(spec, FifoSinkConfig):
             return OpenedFifo(path, None, spec)
         fd = open_ingress(path, self.config.fifo.pipe_bytes)
         self.fifo_fds.append(fd)
         return OpenedFifo(path, fd, spec)
 
+    def open_all(self, plan: dict[Path, FifoSpec]) -> list[OpenedFifo]:
+        """Open every FIFO of ``plan``; refuse two paths that are the same file (a sink feeding an
+        ingress would loop for ever)."""
+        opened: list[OpenedFifo] = []
+        inodes: dict[tuple[int, int], Path] = {}
+        try:
+            for path, spec in plan.items():
+                f = self.open_fifo(path, spec)
+                opened.append(f)
+                st = os.stat(path)
+                other = inodes.setdefault((st.st_dev, st.st_ino), path)
+                if other != path:
+                    raise StartupError(f"FIFO paths {other} and {path} are the same file")
+        except BaseException:
+            self.close_unused(opened)
+            raise
+        return opened
+
+    def close_unused(self, opened: list[OpenedFifo]) -> None:
+        for f in opened:
+            if f.fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(f.fd)
+                if f.fd in self.fifo_fds:
+                    self.fifo_fds.remove(f.fd)
+                f.fd = None
+
     def open_fifos(self) -> list[OpenedFifo]:
         self.fifo_specs = self.fifo_plan(self.config)
-        opened = [self.open_fifo(path, spec) for path, spec in self.fifo_specs.items()]
+        opened = self.open_all(self.fifo_specs)
         if self.passed_fifos:
             raise StartupError(f"{len(self.passed_fifos)} passed FIFO(s) match no configured FIFO: make "
                                "ListenFIFO= and the [fifo] configuration agree")
         return opened
 
     def forget(self, path: Path) -> None:
-        """Remove a FIFO this run owns (it left the configuration)."""
+        """Remove a FIFO this run owns (it left the configuration, or changed)."""
         for entry in [e for e in self.owned if e[0] == path]:
             self.owned.remove(entry)
             with contextlib.suppress(OSError):
@@ -264,46 +300,73 @@ class Runtime:
 
     # ---- reload -----------------------------------------------------------------------------------------
 
-    def reload(self, broker: Broker) -> None:
+    def reload(self, broker: Broker, peer_log: logs.RateLimitedLog) -> None:
         """SIGHUP: re-read the configuration file; apply it, or keep the running one and say why."""
+        if self.stopping:
+            return  # too late: the broker is draining
         self.notifier.send(RELOADING=1, MONOTONIC_USEC=time.monotonic_ns() // 1000)
         try:
             config = load(self.args.config, overrides_from(self.args))
             plan = self.fifo_plan(config)
-        except (ConfigError, StartupError) as exc:
-            self.log.error("reload_failed", reason=str(exc), detail="the running configuration is kept")
-            self.notifier.send(READY=1, STATUS=f"reload failed, running configuration kept: {exc}"[:500])
+            self._apply(broker, config, plan, peer_log)
+        except Exception as exc:
+            reason = str(exc) if isinstance(exc, ConfigError | StartupError | OSError) else repr(exc)
+            self.log.error("reload_failed", reason=reason, detail="the running configuration is kept")
+            self.notifier.send(READY=1, STATUS=f"reload failed, running configuration kept: {reason}"[:500])
             return
-        added: list[OpenedFifo] = []
+        self.notifier.send(READY=1, STATUS=status_line(broker))
+
+    def _apply(self, broker: Broker, config: Config, plan: dict[Path, FifoSpec],
+               peer_log: logs.RateLimitedLog) -> None:
+        changed = [p for p, spec in self.fifo_specs.items() if plan.get(p) != spec]
+        # First everything that can fail, touching nothing that runs: new FIFOs, and sinks' checks.
+        new = {p: spec for p, spec in plan.items() if p not in self.fifo_specs}
+        for path, spec in plan.items():
+            if isinstance(spec, FifoSinkConfig) and (path in new or path in changed):
+                broker.check_sink(spec.subjects, config)
+        # A changed FIFO of ours gets a new inode, made beside it now and renamed over it at commit:
+        # writers that opened the old one (maybe under a wider mode) are cut off, and the path
+        # never goes missing.
+        fresh: dict[Path, Path] = {}
         try:
-            for path, spec in plan.items():
-                if path not in self.fifo_specs:
-                    added.append(self.open_fifo(path, spec))
-        except (StartupError, OSError) as exc:
-            for f in added:
-                if f.fd is not None:
-                    os.close(f.fd)
-                self.forget(f.path)
-            self.log.error("reload_failed", reason=str(exc), detail="the running configuration is kept")
-            self.notifier.send(READY=1, STATUS=f"reload failed, running configuration kept: {exc}"[:500])
-            return
-        needs_restart = broker.reload(config)  # first, so new FIFOs are read with the new settings
+            for path in changed:
+                if path in plan and path not in self.systemd_fifos:
+                    tmp = path.with_name(f".{path.name}.reload-{os.getpid()}")
+                    spec = plan[path]
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(tmp)
+                    prepare_fifo(tmp, spec.mode, spec.group)
+                    fresh[path] = tmp
+            added = self.open_all(new) if new else []
+        except BaseException:
+            for path in new:  # nothing of this reload stays behind
+                self.forget(path)
+            for tmp in fresh.values():
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            raise
+        # Then commit: settings first, so FIFOs started below read with the new ones.
+        needs_restart = broker.reload(config)
         self.config = config
-        for path, spec in list(self.fifo_specs.items()):
-            if plan.get(path) != spec:  # removed or changed: stop it (a changed one is reopened below)
-                broker.remove_fifo(path)
-                if path not in plan:
+        peer_log.interval = config.log.peer_error_interval
+        self.log.info("reloaded", fifos=[str(p) for p in plan], needs_restart=needs_restart)
+        logs.configure(config.log.format, config.log.level, journal=systemd.stderr_is_journal(os.environ))
+        self.log = logs.get_logger()
+        for path in changed:
+            broker.remove_fifo(path)
+            if path not in plan:
+                if path not in self.systemd_fifos:
                     self.forget(path)
-                else:
-                    added.append(self.open_fifo(path, plan[path]))
+                continue
+            if path in fresh:
+                self.forget(path)
+                os.rename(fresh[path], path)
+                self.owned.append((path, os.lstat(path).st_ino))
+            added.append(self.open_fifo(path, plan[path]))
         for f in added:
             broker.add_fifo(f)
         self.fifo_fds.clear()
         self.fifo_specs = plan
-        logs.configure(config.log.format, config.log.level, journal=systemd.stderr_is_journal(os.environ))
-        self.log = logs.get_logger()
-        self.log.info("reloaded", fifos=[str(p) for p in plan], needs_restart=needs_restart)
-        self.notifier.send(READY=1, STATUS=status_line(broker))
 
 
 def status_line(broker: Broker) -> str:
@@ -330,7 +393,7 @@ async def serve(rt: Runtime, listeners: list[socket.socket], fifos: list[OpenedF
     rt.fifo_fds.clear()  # the broker owns them now
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, rt.reload, broker)
+    loop.add_signal_handler(signal.SIGHUP, rt.reload, broker, peer_log)
     if signal.SIGINT in _early_signals or signal.SIGTERM in _early_signals:
         stop.set()
     await broker.start()
@@ -351,6 +414,7 @@ async def serve(rt: Runtime, listeners: list[socket.socket], fifos: list[OpenedF
     finally:
         for h in handles:
             h.cancel()
+    rt.stopping = True  # a SIGHUP from now on is ignored
     notifier.send(STOPPING=1, STATUS="stopping: delivering queued messages")
     await broker.shutdown()
     st = broker.stats()
@@ -402,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for sock in listeners:
             sock.close()
-        for fd in [*rt.fifo_fds, *rt.passed_fifos.values()]:
+        for fd in [*rt.fifo_fds, *rt.passed_fifos.values(), *rt.systemd_fifos.values()]:
             with contextlib.suppress(OSError):
                 os.close(fd)
         for path, inode in rt.owned:

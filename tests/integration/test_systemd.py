@@ -263,3 +263,59 @@ def test_journal_format_when_stderr_is_the_journal(workdir: Path) -> None:
     lines = log_path.read_text().splitlines()
     assert lines and all(line.startswith("<6>{") for line in lines), lines
     assert json.loads(lines[0][3:])["event"] == "started"
+
+
+def test_a_passed_fifo_stays_systemds_through_reloads(workdir: Path) -> None:
+    # Regression: a reload that changed a passed FIFO's settings chmodded it and removed it at exit.
+    run = workdir / "run"
+    run.mkdir(mode=0o755)
+    fifo_path = run / "publish.fifo"
+    os.mkfifo(fifo_path)
+    fifo_path.chmod(0o660)
+    held = os.open(fifo_path, os.O_RDWR | os.O_NONBLOCK)  # what systemd keeps
+    config = workdir / "c.toml"
+    config.write_text(toml_dump({"fifo": {"default_ingress": False,
+                                          "ingress": [{"path": "publish.fifo", "format": "lines"}]}}))
+    proc = launch([held], "hostbus", ["--config", str(config), "--runtime-dir", str(run), "--state-dir",
+                                      str(workdir / "st"), "--log-format", "json"], dict(os.environ), workdir / "log")
+    try:
+        for _ in range(300):
+            if (run / "hostbus.sock").exists():
+                break
+            time.sleep(0.02)
+        config.write_text(toml_dump({"fifo": {"default_ingress": False,
+                                              "ingress": [{"path": "publish.fifo", "format": "json"}]}}))
+        proc.send_signal(signal.SIGHUP)
+        for _ in range(300):
+            if '"reloaded"' in (workdir / "log").read_text():
+                break
+            time.sleep(0.02)
+        assert fifo_path.stat().st_mode & 0o777 == 0o660
+        with hostbus.connect(run / "hostbus.sock") as bus:
+            sub = bus.subscribe("j")
+            with open(fifo_path, "wb") as w:
+                w.write(b'{"topic": "j", "data": "json now"}\n')
+            assert [m.data for m in drain(sub)] == [b"json now"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(held)
+    assert fifo_path.is_fifo() and fifo_path.stat().st_mode & 0o777 == 0o660
+
+
+def test_a_passed_fifo_cannot_be_a_sink(workdir: Path) -> None:
+    run = workdir / "run"
+    run.mkdir(mode=0o700)
+    os.mkfifo(run / "events.fifo")
+    held = os.open(run / "events.fifo", os.O_RDWR | os.O_NONBLOCK)
+    config = workdir / "c.toml"
+    config.write_text(toml_dump({"fifo": {"sink": [{"path": "events.fifo", "subjects": ["ev.>"]}]}}))
+    proc = launch([held], "hostbus", ["--config", str(config), "--runtime-dir", str(run), "--state-dir",
+                                      str(workdir / "st"), "--log-format", "json"], dict(os.environ), workdir / "log")
+    assert proc.wait(20) == 1
+    os.close(held)
+    assert "it cannot be a sink" in (workdir / "log").read_text()
+    assert sorted(os.listdir(run)) == ["events.fifo"]  # systemd's file stays, nothing else was left

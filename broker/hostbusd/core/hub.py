@@ -55,9 +55,12 @@ class Hub:
         router.retained.max_topics = config.retained.max_topics
         router.retained.max_bytes = config.retained.max_bytes
         router.stats_max_topics = config.stats.max_topics
-        for session in self.sessions:
+        for session in [*self.sessions, *self._sink_sessions()]:
             session.batch_bytes = lim.write_batch_bytes
             session.max_queued_bytes = lim.max_queued_bytes_per_connection
+
+    def _sink_sessions(self) -> list[Session]:
+        return [e.session for e in self.fifos.values() if e.session is not None]
 
     def identity(self, uid: int, gid: int, pid: int, origin: str = "") -> Identity:
         return Identity(next(self._refs), uid, gid, pid, origin)
@@ -112,9 +115,10 @@ class Hub:
     def stats(self) -> dict[str, Any]:
         r = self.router
         st = r.stats
-        msgs_out = self.closed_totals["msgs_out"] + sum(s.msgs_out for s in self.sessions)
-        bytes_out = self.closed_totals["bytes_out"] + sum(s.bytes_out for s in self.sessions)
-        dropped = self.closed_totals["dropped"] + sum(s.dropped for s in self.sessions)
+        live = [*self.sessions, *self._sink_sessions()]  # FIFO sinks are subscribers too
+        msgs_out = self.closed_totals["msgs_out"] + sum(s.msgs_out for s in live)
+        bytes_out = self.closed_totals["bytes_out"] + sum(s.bytes_out for s in live)
+        dropped = self.closed_totals["dropped"] + sum(s.dropped for s in live)
         per_topic = dict(sorted(st.topics.items(), key=lambda kv: -kv[1]))
         if st.topics_other:
             per_topic["(other)"] = st.topics_other

@@ -27,10 +27,9 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-from hostbus import topics, wire
+from hostbus import wire
 from hostbus.errors import ErrorCode, HostbusError, InvalidTopicError, RemoteProtocolError
 from hostbus.wire import FrameType
-from hostbus.wire.frames import MAX_HEADERS_BYTES
 from hostbusd.core.hub import Hub
 from hostbusd.core.identity import Identity
 from hostbusd.core.router import SubscribeOptions
@@ -40,7 +39,6 @@ _MAX_GROUP_BYTES = 255
 #: Units of work one peer may do before the loop serves others (see the module docstring).
 TURN_BUDGET = 20_000
 _PUB = int(FrameType.PUB)
-_unpack_block = wire.frames.MSG_BLOCK.unpack_from
 
 
 def _valid_group(group: object) -> bool:
@@ -117,36 +115,8 @@ class PeerCore:
         return False
 
     def _publish(self, flags: int, body: bytes) -> int:
-        # The hot path: parse the block's lengths inline; the topic's check is cached by its bytes.
-        if len(body) < 8:
-            wire.split_block(body)  # raises: the block's 8-byte header is missing
-        tlen, rlen, hlen = _unpack_block(body, 0)
-        t1 = 8 + tlen
-        h0 = t1 + rlen
-        h1 = h0 + hlen
-        if h1 > len(body):
-            wire.split_block(body)  # raises the error that says which length is wrong
         router = self.hub.router
-        topic = router.topic_from_wire(body[8:t1])
-        reply = ""
-        if rlen:
-            try:
-                reply = body[t1:h0].decode()
-            except UnicodeDecodeError:
-                raise InvalidTopicError("reply subject is not valid UTF-8") from None
-        if h1 > h0:
-            if h1 - h0 > MAX_HEADERS_BYTES:
-                raise RemoteProtocolError(f"headers block of {h1 - h0} bytes exceeds the limit of "
-                                          f"{MAX_HEADERS_BYTES}", code=ErrorCode.INVALID_HEADERS)
-            wire.decode_headers(memoryview(body)[h0:h1])
-        if reply:
-            problem = topics.topic_problem(reply)
-            if problem is None and topics.is_reserved(reply):
-                problem = "reply subjects starting with '$' are reserved for the broker"
-            if problem is not None:
-                raise InvalidTopicError(f"invalid reply subject: {problem}")
-        elif flags & wire.PUB_REQUEST:
-            raise RemoteProtocolError("PUB with the REQUEST flag has no reply subject")
+        topic, reply, h1 = router.check_block(body, flags)
         session = self.session
         session.msgs_in += 1
         session.bytes_in += len(body)

@@ -19,7 +19,9 @@ from hostbus.errors import (
     InvalidTopicError,
     LimitExceededError,
     PermissionDeniedError,
+    RemoteProtocolError,
 )
+from hostbus.wire.frames import MAX_HEADERS_BYTES
 from hostbusd.core.identity import Identity
 from hostbusd.core.index import TopicIndex
 from hostbusd.core.outbound import OutboundQueue
@@ -28,6 +30,7 @@ from hostbusd.core.session import Session, Subscription
 
 #: How many distinct valid topics the router remembers as already checked.
 _VALID_TOPIC_CACHE = 65536
+_unpack_block = wire.frames.MSG_BLOCK.unpack_from
 
 
 class QueueGroup:
@@ -179,6 +182,41 @@ class Router:
             self.index.remove(sub.pattern, sub)
 
     # ---- publishing ---------------------------------------------------------------------------
+
+    def check_block(self, body: bytes, flags: int) -> tuple[str, str, int]:
+        """Check a PUB message block as a client sent it: (topic, reply subject, payload start).
+
+        The hot path: the lengths are parsed inline and the topic's check is cached by its bytes.
+        Raises RemoteProtocolError or InvalidTopicError saying what is wrong.
+        """
+        if len(body) < 8:
+            wire.split_block(body)  # raises: the block's 8-byte header is missing
+        tlen, rlen, hlen = _unpack_block(body, 0)
+        t1 = 8 + tlen
+        h0 = t1 + rlen
+        h1 = h0 + hlen
+        if h1 > len(body):
+            wire.split_block(body)  # raises the error that says which length is wrong
+        topic = self.topic_from_wire(body[8:t1])
+        reply = ""
+        if rlen:
+            try:
+                reply = body[t1:h0].decode()
+            except UnicodeDecodeError:
+                raise InvalidTopicError("reply subject is not valid UTF-8", code=ErrorCode.INVALID_TOPIC) from None
+            problem = topics.topic_problem(reply)
+            if problem is None and topics.is_reserved(reply):
+                problem = "reply subjects starting with '$' are reserved for the broker"
+            if problem is not None:
+                raise InvalidTopicError(f"invalid reply subject: {problem}", code=ErrorCode.INVALID_TOPIC)
+        elif flags & wire.PUB_REQUEST:
+            raise RemoteProtocolError("PUB with the REQUEST flag has no reply subject")
+        if h1 > h0:
+            if hlen > MAX_HEADERS_BYTES:
+                raise RemoteProtocolError(f"headers block of {hlen} bytes exceeds the limit of "
+                                          f"{MAX_HEADERS_BYTES}", code=ErrorCode.INVALID_HEADERS)
+            wire.decode_headers(memoryview(body)[h0:h1])
+        return topic, reply, h1
 
     def topic_from_wire(self, raw: bytes) -> str:
         """The topic whose UTF-8 form is ``raw``, checked with :meth:`check_topic` (cached)."""

@@ -33,11 +33,25 @@ def format_line(fmt: str, ident: Identity, block: bytes) -> bytes:
 
 
 class LineSession(Session):
-    __slots__ = ("format",)
+    """A sink may subscribe overlapping subjects; it still writes each message once.
+
+    The router hands one message to every matching subscription within one publish, and every
+    publish routes a new block object: so a block that is the one handed to this session just
+    before is a repeat of the same message, and is skipped.
+    """
+
+    __slots__ = ("_last", "format")
 
     def __init__(self, ident: Identity, fmt: str, *, batch_bytes: int, max_queued_bytes: int) -> None:
         super().__init__(ident, batch_bytes=batch_bytes, max_queued_bytes=max_queued_bytes)
         self.format = fmt
+        self._last: bytes | None = None
+
+    def deliver(self, sub: Subscription, ident: Identity, block: bytes, flags: int = 0) -> None:
+        if block is self._last:
+            return
+        self._last = block
+        super().deliver(sub, ident, block, flags)
 
     def _write_msg(self, sub: Subscription, ident: Identity, block: bytes, flags: int) -> None:
         sub.queue.missed = 0  # a file reader gets no GAP line; drops are counted in ``dropped``

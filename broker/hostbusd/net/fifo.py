@@ -24,6 +24,7 @@ import errno
 import fcntl
 import grp
 import os
+import select
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,13 @@ def prepare_fifo(path: Path, mode: int, group: str | None) -> bool:
             raise StartupError(f"FIFO {path}: no such group {group!r}") from None
     created = False
     try:
+        parent = os.stat(path.parent)
+    except OSError as exc:
+        raise StartupError(f"cannot create FIFO {path}: {exc.strerror}") from None
+    if parent.st_mode & 0o002 and not parent.st_mode & stat.S_ISVTX:
+        raise StartupError(f"FIFO {path}: its directory is writable by everyone (and not sticky), so others "
+                           "could replace the FIFO; choose another directory")
+    try:
         st = os.lstat(path)
     except FileNotFoundError:
         old = os.umask(0o077)
@@ -94,10 +102,19 @@ def prepare_fifo(path: Path, mode: int, group: str | None) -> bool:
     return created
 
 
+def open_fifo_fd(path: Path, flags: int) -> int:
+    """Open ``path`` only if it is a FIFO (never through a symlink); OSError otherwise."""
+    fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+    if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a FIFO")
+    return fd
+
+
 def open_ingress(path: Path, pipe_bytes: int) -> int:
     """Open a publish FIFO read-write and non-blocking (no EOF between writers)."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = open_fifo_fd(path, os.O_RDWR)
     except OSError as exc:
         raise StartupError(f"cannot open FIFO {path}: {exc.strerror}") from None
     with contextlib.suppress(OSError):  # best effort: capped by /proc/sys/fs/pipe-max-size
@@ -118,7 +135,8 @@ class FifoIngress:
         self.ident = hub.identity(NO_ID, NO_ID, 0, f"fifo:{path}")
         self.parser = FifoParser(fmt, max_line_bytes=cfg.max_line_bytes,
                                  max_frame_bytes=hub.config.limits.max_frame_bytes, topic_prefix=topic_prefix,
-                                 check_topic=hub.router.topic_from_wire, on_fault=self._fault)
+                                 check_topic=hub.router.topic_from_wire, on_fault=self._fault,
+                                 check_block=hub.router.check_block)
         self.partial_since: float | None = None
         self.loop = asyncio.get_running_loop()
 
@@ -151,12 +169,10 @@ class FifoIngress:
         if parsed:
             self._publish(parsed)
         if parser.broken:
-            self._reopen()
-        if parser.partial:
-            if self.partial_since is None or parsed:
-                self.partial_since = self.loop.time()
-        else:
-            self.partial_since = None
+            self._resync()
+        # The partial-line timer measures silence: any byte of the line restarts it, so a slow
+        # writer streaming a long line is never cut; only a writer that went quiet is.
+        self.partial_since = self.loop.time() if parser.partial else None
 
     def _publish(self, parsed: list[Parsed]) -> None:
         router = self.hub.router
@@ -170,16 +186,15 @@ class FifoIngress:
             counters.messages += 1
             counters.bytes += len(block)
 
-    def _reopen(self) -> None:
-        """A broken frame stream: discard what is in the pipe now and start afresh."""
+    def _resync(self) -> None:
+        """A broken frame stream: discard what is in the pipe now and start afresh.
+
+        Reopening the FIFO would achieve no more (writers keep their end either way) and could
+        fail if the path was removed; draining keeps the descriptor."""
         with contextlib.suppress(OSError):
             while os.read(self.fd, 65536):
                 pass
-        self.loop.remove_reader(self.fd)
-        os.close(self.fd)
-        self.fd = open_ingress(self.path, self.hub.config.fifo.pipe_bytes)
         self.parser.reset()
-        self.loop.add_reader(self.fd, self._readable)
 
     def check_timeouts(self, now: float) -> None:
         timeout = self.hub.config.fifo.partial_line_timeout
@@ -237,7 +252,7 @@ class FifoSink:
 
     def _open(self) -> bool:
         try:
-            self.fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            self.fd = open_fifo_fd(self.path, os.O_WRONLY)
         except OSError as exc:
             if exc.errno not in (errno.ENXIO, errno.ENOENT):
                 self.hub.peer_error("fifo_sink_error", None, path=str(self.path), error=exc.strerror)
@@ -280,7 +295,7 @@ class FifoSink:
         except OSError:
             self.loop.remove_writer(self.fd)
             self.pending = b""
-            self._reader_gone(0)
+            self._reader_gone(1)  # the line it was finishing
             return
         self.counters.bytes += n
         self.pending = self.pending[n:]
@@ -293,10 +308,25 @@ class FifoSink:
 
     def _reader_gone(self, nmsgs: int) -> None:
         assert self.fd is not None
+        if self.pending:
+            self.loop.remove_writer(self.fd)
+            self.pending = b""
+            nmsgs += 1  # the line that was half written
         os.close(self.fd)
         self.fd = None
         self.session.paused = False
         self._drop(nmsgs + self.session.discard_output(), "no_reader")
+
+    def check_reader(self) -> None:
+        """Housekeeping: if the reader left, let go of the pipe now (what it held is discarded
+        with it), so a reader who comes next does not get the last one's leftovers."""
+        if self.fd is None:
+            return
+        poller = select.poll()
+        poller.register(self.fd, select.POLLOUT)
+        for _, events in poller.poll(0):
+            if events & select.POLLERR:
+                self._reader_gone(0)
 
     def _drop(self, n: int, why: str) -> None:
         if n:
