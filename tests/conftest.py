@@ -101,7 +101,7 @@ class Daemon:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"hostbusd exited with {self.proc.returncode}: {self.log()}")
-            if self.socket.exists():
+            if self.socket.exists() and '"event": "started"' in self.log():  # signal handlers are in place
                 with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                     try:
                         s.connect(str(self.socket))

@@ -157,9 +157,8 @@ _early_signals: list[int] = []
 
 def _catch_early_signals() -> None:
     """Until the event loop takes over, remember SIGTERM/SIGINT/SIGHUP instead of dying uncleanly."""
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda signum, frame: _early_signals.append(signum))
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 FifoSpec = FifoIngressConfig | FifoSinkConfig
@@ -397,6 +396,8 @@ async def serve(rt: Runtime, listeners: list[socket.socket], fifos: list[OpenedF
     if signal.SIGINT in _early_signals or signal.SIGTERM in _early_signals:
         stop.set()
     await broker.start()
+    if signal.SIGHUP in _early_signals:  # the file may have changed after it was read: read it again
+        loop.call_soon(rt.reload, broker, peer_log)
     notifier = rt.notifier
     notifier.send(READY=1, STATUS=status_line(broker))
     rt.log.info("started", socket=str(rt.sock_path), fifos=[str(p) for p in rt.fifo_specs], pid=os.getpid(),
@@ -424,6 +425,7 @@ async def serve(rt: Runtime, listeners: list[socket.socket], fifos: list[OpenedF
 
 
 def main(argv: list[str] | None = None) -> int:
+    _catch_early_signals()  # from the first moment: a stop or reload request is kept, never fatal
     args = build_parser().parse_args(argv)
     if args.print_schema:
         print(json.dumps(json_schema(), indent=2))
@@ -442,7 +444,6 @@ def main(argv: list[str] | None = None) -> int:
     root = os.getuid() == 0
     dir_mode = config.socket.dir_mode if config.socket.dir_mode is not None else (0o755 if root else 0o700)
     sock_mode = config.socket.mode if config.socket.mode is not None else (0o666 if root else 0o600)
-    _catch_early_signals()
     ensure_fd_limit(config.limits.max_connections, rt.log)
     listeners: list[socket.socket] = []
     try:
