@@ -20,6 +20,7 @@ from hostbusd.core.hub import Hub, PeerErrorSink
 from hostbusd.core.peer import State
 from hostbusd.net.fifo import FifoIngress, FifoSink, OpenedFifo
 from hostbusd.net.unix import UnixPeer
+from hostbusd.net.zmq_gateway import ZmqGateway
 
 #: Seconds between two housekeeping passes (handshake and partial-frame timeouts).
 HOUSEKEEPING_INTERVAL = 0.25
@@ -27,7 +28,8 @@ HOUSEKEEPING_INTERVAL = 0.25
 
 class Broker:
     def __init__(self, config: Config, listeners: Sequence[socket.socket], fifos: Sequence[OpenedFifo] = (),
-                 on_peer_error: PeerErrorSink | None = None) -> None:
+                 on_peer_error: PeerErrorSink | None = None, zmq_endpoints: tuple[str, str] | None = None,
+                 zmq_mode: int = 0o600) -> None:
         self.hub = Hub(config, on_peer_error) if on_peer_error else Hub(config)
         self.listeners = list(listeners)
         self._initial_fifos = list(fifos)
@@ -35,6 +37,9 @@ class Broker:
         self.ingress: dict[Path, FifoIngress] = {}
         self.sinks: dict[Path, FifoSink] = {}
         self._servers: list[asyncio.AbstractServer] = []
+        self._zmq_endpoints = zmq_endpoints
+        self._zmq_mode = zmq_mode
+        self.gateway: ZmqGateway | None = None
 
     @property
     def config(self) -> Config:
@@ -46,6 +51,8 @@ class Broker:
         for f in self._initial_fifos:
             self.add_fifo(f)
         self._initial_fifos = []
+        if self._zmq_endpoints is not None:
+            self.gateway = ZmqGateway(self.hub, self.config.zmq, *self._zmq_endpoints, self._zmq_mode)
         for sock in self.listeners:
             server = await loop.create_unix_server(lambda: UnixPeer(self.hub, self.peers), sock=sock)
             self._servers.append(server)
@@ -148,6 +155,8 @@ class Broker:
                 w.cancel()
         for path in list(self.sinks):
             self.remove_fifo(path)
+        if self.gateway is not None:
+            self.gateway.stop()
         for server in self._servers:
             await server.wait_closed()
 

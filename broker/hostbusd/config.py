@@ -184,6 +184,43 @@ class FifoConfig(_Section):
     )
 
 
+class ZmqConfig(_Section):
+    enabled: bool = Field(
+        False, description="Run the ZeroMQ gateway. Off by default: every endpoint is a way in without a kernel "
+        "identity, so it is opened only when asked for.",
+    )
+    name: str = Field(
+        "zmq", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$",
+        description="The gateway's name: its messages carry the origin zmq:<name>.",
+    )
+    xsub: str = Field(
+        "", description="Endpoint ZeroMQ PUB sockets connect to (the gateway binds an XSUB socket). Default: "
+        "ipc://<runtime-dir>/zmq-publish.ipc. tcp:// endpoints must be on a loopback address unless allow_remote.",
+    )
+    xpub: str = Field(
+        "", description="Endpoint ZeroMQ SUB sockets connect to (the gateway binds an XPUB socket). Default: "
+        "ipc://<runtime-dir>/zmq-subscribe.ipc.",
+    )
+    allow_remote: bool = Field(
+        False, description="Allow tcp:// endpoints on non-loopback addresses (other hosts could then publish and "
+        "subscribe without any identity); a warning is logged when used.",
+    )
+    topic_prefix: str = Field(
+        "", description="If set, ZeroMQ peers may only publish, and only receive, topics starting with it.",
+    )
+    max_message_bytes: int = Field(
+        1024 * 1024, ge=1024, le=1024 * MiB,
+        description="Largest ZeroMQ message (all frames) accepted from a PUB peer; larger ones are dropped and "
+        "counted as too_large. Also set as ZMQ_MAXMSGSIZE, so ZeroMQ refuses them early.",
+    )
+    hwm: int = Field(
+        10000, ge=1,
+        description="ZeroMQ high-water mark (messages) of the gateway's sockets. The XPUB socket never drops at it "
+        "(XPUB_NODROP): the gateway then queues in its bounded hostbus queue (subscriptions settings), so every "
+        "loss is counted.",
+    )
+
+
 class StatsConfig(_Section):
     max_topics: int = Field(
         1000, ge=0,
@@ -229,6 +266,7 @@ class Config(_Section):
     subscriptions: SubscriptionsConfig = SubscriptionsConfig()
     retained: RetainedConfig = RetainedConfig()
     fifo: FifoConfig = FifoConfig()
+    zmq: ZmqConfig = ZmqConfig()
     stats: StatsConfig = StatsConfig()
     log: LogConfig = LogConfig()
     shutdown: ShutdownConfig = ShutdownConfig()

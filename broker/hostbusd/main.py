@@ -23,6 +23,7 @@ from hostbusd.broker import Broker
 from hostbusd.config import Config, ConfigError, FifoIngressConfig, FifoSinkConfig, json_schema, load
 from hostbusd.errors import StartupError
 from hostbusd.net.fifo import DEFAULT_FIFO, OpenedFifo, open_ingress, prepare_fifo
+from hostbusd.net.zmq_gateway import check_endpoint
 
 EXIT_OK = 0
 EXIT_STARTUP = 1  # could not start: another daemon, unusable directory, ...
@@ -181,6 +182,8 @@ class Runtime:
         self.fifo_specs: dict[Path, FifoSpec] = {}
         self.fifo_fds: list[int] = []  # opened, not yet handed to the broker
         self.stopping = False
+        self.zmq_endpoints: tuple[str, str] | None = None
+        self.sock_mode = 0o600
 
     # ---- descriptors from systemd ------------------------------------------------------------------
 
@@ -207,6 +210,19 @@ class Runtime:
         if len(listeners) > 1:
             raise StartupError("more than one listening socket was passed; hostbusd serves one")
         return listeners
+
+    def plan_zmq(self) -> None:
+        """The gateway's endpoints (defaults in the runtime directory), checked against the rules."""
+        cfg = self.config.zmq
+        if not cfg.enabled:
+            return
+        xsub = cfg.xsub or f"ipc://{self.runtime_dir / 'zmq-publish.ipc'}"
+        xpub = cfg.xpub or f"ipc://{self.runtime_dir / 'zmq-subscribe.ipc'}"
+        for endpoint in (xsub, xpub):
+            if check_endpoint(endpoint, cfg.allow_remote):
+                self.log.warning("zmq_remote_endpoint", endpoint=endpoint,
+                                 detail="peers on other hosts can publish and subscribe without identity")
+        self.zmq_endpoints = (xsub, xpub)
 
     # ---- FIFOs ------------------------------------------------------------------------------------------
 
@@ -388,7 +404,8 @@ async def serve(rt: Runtime, listeners: list[socket.socket], fifos: list[OpenedF
         stop.set()
 
     loop.set_exception_handler(internal_error)
-    broker = Broker(rt.config, listeners, fifos, on_peer_error=peer_log.warning)
+    broker = Broker(rt.config, listeners, fifos, on_peer_error=peer_log.warning,
+                    zmq_endpoints=rt.zmq_endpoints, zmq_mode=rt.sock_mode)
     rt.fifo_fds.clear()  # the broker owns them now
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -444,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     root = os.getuid() == 0
     dir_mode = config.socket.dir_mode if config.socket.dir_mode is not None else (0o755 if root else 0o700)
     sock_mode = config.socket.mode if config.socket.mode is not None else (0o666 if root else 0o600)
+    rt.sock_mode = sock_mode
     ensure_fd_limit(config.limits.max_connections, rt.log)
     listeners: list[socket.socket] = []
     try:
@@ -455,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
                 listeners = [bind_socket(rt.sock_path, sock_mode)]
                 rt.owned.append((rt.sock_path, os.stat(rt.sock_path).st_ino))
             fifos = rt.open_fifos()
+            rt.plan_zmq()
         except StartupError as exc:
             rt.log.error("cannot_start", reason=str(exc))
             return EXIT_STARTUP

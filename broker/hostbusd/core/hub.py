@@ -45,6 +45,7 @@ class Hub:
         self.peer_errors = 0
         self.closed_totals = {"msgs_out": 0, "bytes_out": 0, "dropped": 0}
         self.fifos: dict[str, FifoEntry] = {}  # path -> publish FIFO or sink, for the stats
+        self.gateways: dict[str, Any] = {}  # name -> ZeroMQ gateway (has describe() and a session)
 
     def apply_config(self, config: Config) -> None:
         """A reloaded configuration: new bounds for the router and for every open session."""
@@ -60,7 +61,9 @@ class Hub:
             session.max_queued_bytes = lim.max_queued_bytes_per_connection
 
     def _sink_sessions(self) -> list[Session]:
-        return [e.session for e in self.fifos.values() if e.session is not None]
+        """Subscribers inside the daemon: FIFO sinks and ZeroMQ gateways."""
+        return [*(e.session for e in self.fifos.values() if e.session is not None),
+                *(gw.session for gw in self.gateways.values())]
 
     def identity(self, uid: int, gid: int, pid: int, origin: str = "") -> Identity:
         return Identity(next(self._refs), uid, gid, pid, origin)
@@ -142,5 +145,6 @@ class Hub:
             "queued_bytes": sum(s.queued_bytes for s in self.sessions),
             "peer_errors": self.peer_errors,
             "fifos": {path: entry.describe() for path, entry in self.fifos.items()},
+            "zmq": {name: gw.describe() for name, gw in self.gateways.items()},
             "topics": per_topic,
         }

@@ -69,3 +69,28 @@ class LineSession(Session):
             n += len(sub.queue)
             self.drop_subscription(sub)
         return n
+
+
+class BlockSession(Session):
+    """A subscriber whose transport wants the message blocks themselves (the ZeroMQ gateway).
+
+    Like :class:`LineSession` it writes each message once however many of its patterns match.
+    """
+
+    __slots__ = ("_last",)
+
+    def __init__(self, ident: Identity, *, batch_bytes: int, max_queued_bytes: int) -> None:
+        super().__init__(ident, batch_bytes=batch_bytes, max_queued_bytes=max_queued_bytes)
+        self._last: bytes | None = None
+
+    def deliver(self, sub: Subscription, ident: Identity, block: bytes, flags: int = 0) -> None:
+        if block is self._last:
+            return
+        self._last = block
+        super().deliver(sub, ident, block, flags)
+
+    def _write_msg(self, sub: Subscription, ident: Identity, block: bytes, flags: int) -> None:
+        sub.queue.missed = 0  # no GAP frames for ZeroMQ peers: drops are counted in ``dropped``
+        self.out.append(block)
+        self.out_bytes += len(block)
+        self.msgs_out += 1
