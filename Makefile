@@ -38,10 +38,11 @@ typecheck: $(STAMP)
 pytest: $(STAMP) test-tools
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-## bench: the benchmarks (not part of `make test`): socket 1 -> 1, FIFO ingress
+## bench: the benchmarks (not part of `make test`): socket 1 -> 1, FIFO ingress, ZeroMQ gateway
 bench: $(STAMP)
 	$(BIN)/python bench/pubsub_1to1.py
 	$(BIN)/python bench/fifo_publish.py
+	$(BIN)/python bench/zmq_gateway.py
 
 ## schema: regenerate config/hostbus.schema.json from the configuration models
 schema: $(STAMP)

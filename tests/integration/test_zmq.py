@@ -196,3 +196,12 @@ def test_gateway_files_are_removed_at_exit(gw: Daemon) -> None:
     assert (gw.runtime_dir / "zmq-publish.ipc").exists()
     assert gw.stop() == 0
     assert not gw.runtime_dir.exists()
+
+
+def test_stats_command_shows_the_gateway(gw: Daemon) -> None:
+    from tests.integration.test_cli import cli
+
+    xsub, _ = endpoints(gw)
+    zmq_pub(xsub, [["z.a", "1"], ["bad"]])
+    time.sleep(0.3)
+    assert "zmq zmq: in 1, out 0, dropped 0, skipped: frames 1, prefixes 0" in cli(gw, "stats").stdout

@@ -214,6 +214,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
         detail = ", ".join(f"{k} {v}" for k, v in sorted(problems.items())) or "none"
         label = "skipped" if f["kind"] == "ingress" else "dropped"
         print(f"fifo {f['kind']:<8}{path}: {f['messages']} messages ({f['bytes']} bytes), {label}: {detail}")
+    for name, z in st.get("zmq", {}).items():
+        errors = ", ".join(f"{k} {v}" for k, v in sorted(z["errors"].items())) or "none"
+        print(f"zmq {name}: in {z['in']}, out {z['out']}, dropped {z['dropped']}, skipped: {errors}, "
+              f"prefixes {z['prefixes']}")
     if st["topics"]:
         print("topics:")
         width = max(len(t) for t in st["topics"])
