@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 import zmq
 
+from hostbus.topics import MAX_TOPIC_BYTES
 from hostbusd.config import ZmqConfig
 from hostbusd.core.hub import Hub
 from hostbusd.core.identity import Identity
@@ -77,6 +78,7 @@ class ZmqGateway:
             s.setsockopt(zmq.SNDHWM, cfg.hwm)
             s.setsockopt(zmq.RCVHWM, cfg.hwm)
         self.xsub.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_bytes)
+        self.xpub.setsockopt(zmq.MAXMSGSIZE, MAX_TOPIC_BYTES + 1)  # SUB peers only send subscriptions
         self.xpub.setsockopt(zmq.XPUB_NODROP, 1)
         self.endpoints = (xsub_endpoint, xpub_endpoint)
         old = os.umask(0o777 & ~sock_mode)  # ipc:// files are born with the socket's mode
@@ -160,6 +162,12 @@ class ZmqGateway:
                 continue  # not a subscription message
             prefix = msg[1:]
             if msg[0] == 1:
+                if len(prefix) > MAX_TOPIC_BYTES or (
+                        prefix not in self.prefixes
+                        and len(self.prefixes) >= self.hub.config.limits.max_subscriptions_per_connection):
+                    # no topic is longer; and distinct prefixes are bounded like a connection's subscriptions
+                    self.errors["prefix_refused"] += 1
+                    continue
                 self.prefixes[prefix] += 1
                 for pattern in patterns_for_prefix(prefix, self.cfg.topic_prefix):
                     self._add_pattern(pattern)
