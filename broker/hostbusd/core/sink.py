@@ -32,20 +32,24 @@ def format_line(fmt: str, ident: Identity, block: bytes) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
 
 
-class LineSession(Session):
-    """A sink may subscribe overlapping subjects; it still writes each message once.
+class RecordSession(Session):
+    """A subscriber inside the daemon whose transport takes one record per message, not frames.
 
-    The router hands one message to every matching subscription within one publish, and every
-    publish routes a new block object: so a block that is the one handed to this session just
-    before is a repeat of the same message, and is skipped.
+    It reuses the session's bounded queues and overflow policy; a subclass says what a record is.
+    It may subscribe overlapping patterns and still gets each message once: the router hands one
+    message to every matching subscription within one publish, and every publish routes a new
+    block object, so a block that is the one handed to this session just before is a repeat.
+    Drops are counted in ``dropped`` (there is no GAP frame for a file or a ZeroMQ peer).
     """
 
-    __slots__ = ("_last", "format")
+    __slots__ = ("_last",)
 
-    def __init__(self, ident: Identity, fmt: str, *, batch_bytes: int, max_queued_bytes: int) -> None:
+    def __init__(self, ident: Identity, *, batch_bytes: int, max_queued_bytes: int) -> None:
         super().__init__(ident, batch_bytes=batch_bytes, max_queued_bytes=max_queued_bytes)
-        self.format = fmt
         self._last: bytes | None = None
+
+    def record(self, ident: Identity, block: bytes) -> bytes:
+        raise NotImplementedError
 
     def deliver(self, sub: Subscription, ident: Identity, block: bytes, flags: int = 0) -> None:
         if block is self._last:
@@ -54,10 +58,10 @@ class LineSession(Session):
         super().deliver(sub, ident, block, flags)
 
     def _write_msg(self, sub: Subscription, ident: Identity, block: bytes, flags: int) -> None:
-        sub.queue.missed = 0  # a file reader gets no GAP line; drops are counted in ``dropped``
-        line = format_line(self.format, ident, block)
-        self.out.append(line)
-        self.out_bytes += len(line)
+        sub.queue.missed = 0
+        rec = self.record(ident, block)
+        self.out.append(rec)
+        self.out_bytes += len(rec)
         self.msgs_out += 1
 
     def discard_output(self) -> int:
@@ -71,26 +75,23 @@ class LineSession(Session):
         return n
 
 
-class BlockSession(Session):
-    """A subscriber whose transport wants the message blocks themselves (the ZeroMQ gateway).
+class LineSession(RecordSession):
+    """A FIFO sink: one text line per message."""
 
-    Like :class:`LineSession` it writes each message once however many of its patterns match.
-    """
+    __slots__ = ("format",)
 
-    __slots__ = ("_last",)
-
-    def __init__(self, ident: Identity, *, batch_bytes: int, max_queued_bytes: int) -> None:
+    def __init__(self, ident: Identity, fmt: str, *, batch_bytes: int, max_queued_bytes: int) -> None:
         super().__init__(ident, batch_bytes=batch_bytes, max_queued_bytes=max_queued_bytes)
-        self._last: bytes | None = None
+        self.format = fmt
 
-    def deliver(self, sub: Subscription, ident: Identity, block: bytes, flags: int = 0) -> None:
-        if block is self._last:
-            return
-        self._last = block
-        super().deliver(sub, ident, block, flags)
+    def record(self, ident: Identity, block: bytes) -> bytes:
+        return format_line(self.format, ident, block)
 
-    def _write_msg(self, sub: Subscription, ident: Identity, block: bytes, flags: int) -> None:
-        sub.queue.missed = 0  # no GAP frames for ZeroMQ peers: drops are counted in ``dropped``
-        self.out.append(block)
-        self.out_bytes += len(block)
-        self.msgs_out += 1
+
+class BlockSession(RecordSession):
+    """The ZeroMQ gateway: the message block itself (the gateway makes the ZeroMQ frames)."""
+
+    __slots__ = ()
+
+    def record(self, ident: Identity, block: bytes) -> bytes:
+        return block

@@ -38,6 +38,7 @@ from hostbusd.core.outbound import DROP_NEW
 from hostbusd.core.router import SubscribeOptions
 from hostbusd.core.sink import LineSession
 from hostbusd.errors import StartupError
+from hostbusd.net import LoopEgress
 
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 #: The publish FIFO every daemon has unless fifo.default_ingress is false.
@@ -207,7 +208,7 @@ class FifoIngress:
         os.close(self.fd)
 
 
-class FifoSink:
+class FifoSink(LoopEgress):
     """Writes the messages matching ``subjects`` to a FIFO as lines; an Egress for its session."""
 
     def __init__(self, hub: Hub, path: Path, subjects: list[str], fmt: str, max_queued_msgs: int) -> None:
@@ -228,15 +229,6 @@ class FifoSink:
                 pattern, policy=DROP_NEW, max_msgs=max_queued_msgs, max_bytes=lim.max_queued_bytes_per_connection))
 
     # Egress
-    def wake(self, urgent: bool) -> None:
-        if urgent:
-            self.flush()
-        else:
-            self.loop.call_soon(self.flush)
-
-    def close(self) -> None:
-        self.stop()
-
     def flush(self) -> None:
         session = self.session
         session.flush_pending = False

@@ -33,6 +33,7 @@ from hostbusd.core.router import SubscribeOptions
 from hostbusd.core.sink import BlockSession
 from hostbusd.core.zmqmap import ZmqFault, multipart_of, parse_multipart, patterns_for_prefix
 from hostbusd.errors import StartupError
+from hostbusd.net import LoopEgress
 
 #: Messages handled per socket per wake-up before the loop serves others.
 BATCH = 10_000
@@ -65,7 +66,7 @@ def check_endpoint(endpoint: str, allow_remote: bool) -> bool:
     return not loopback
 
 
-class ZmqGateway:
+class ZmqGateway(LoopEgress):
     def __init__(self, hub: Hub, cfg: ZmqConfig, xsub_endpoint: str, xpub_endpoint: str, sock_mode: int) -> None:
         self.hub = hub
         self.cfg = cfg
@@ -206,15 +207,6 @@ class ZmqGateway:
             self.hub.router.unsubscribe(self.session, sid)
 
     # ---- Egress (for the gateway's session) ---------------------------------------------------------------
-
-    def wake(self, urgent: bool) -> None:
-        if urgent:
-            self.flush()
-        else:
-            self.loop.call_soon(self.flush)
-
-    def close(self) -> None:
-        self.stop()
 
     def flush(self) -> None:
         session = self.session
