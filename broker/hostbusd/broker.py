@@ -124,6 +124,7 @@ class Broker:
             ("runtime_dir", old.runtime_dir, config.runtime_dir),
             ("state_dir", old.state_dir, config.state_dir),
             ("socket", old.socket, config.socket),
+            ("zmq", old.zmq, config.zmq),
         ) if a != b]
         self.hub.apply_config(config)
         for peer in self.peers:

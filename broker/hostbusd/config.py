@@ -206,7 +206,13 @@ class ZmqConfig(_Section):
         "subscribe without any identity); a warning is logged when used.",
     )
     topic_prefix: str = Field(
-        "", description="If set, ZeroMQ peers may only publish, and only receive, topics starting with it.",
+        "", pattern=r"^$|\.$",
+        description="If set (ending with '.'), ZeroMQ peers may only publish, and only receive, topics under it.",
+    )
+    mode: int = Field(
+        0o600, ge=0, le=0o777,
+        description="Mode of the ipc:// endpoint files. ZeroMQ peers have no identity, so this (with the runtime "
+        "directory) is the gateway's access control: only the daemon's user by default.",
     )
     max_message_bytes: int = Field(
         1024 * 1024, ge=1024, le=1024 * MiB,

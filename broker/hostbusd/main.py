@@ -183,7 +183,6 @@ class Runtime:
         self.fifo_fds: list[int] = []  # opened, not yet handed to the broker
         self.stopping = False
         self.zmq_endpoints: tuple[str, str] | None = None
-        self.sock_mode = 0o600
 
     # ---- descriptors from systemd ------------------------------------------------------------------
 
@@ -405,7 +404,7 @@ async def serve(rt: Runtime, listeners: list[socket.socket], fifos: list[OpenedF
 
     loop.set_exception_handler(internal_error)
     broker = Broker(rt.config, listeners, fifos, on_peer_error=peer_log.warning,
-                    zmq_endpoints=rt.zmq_endpoints, zmq_mode=rt.sock_mode)
+                    zmq_endpoints=rt.zmq_endpoints, zmq_mode=rt.config.zmq.mode)
     rt.fifo_fds.clear()  # the broker owns them now
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -461,7 +460,6 @@ def main(argv: list[str] | None = None) -> int:
     root = os.getuid() == 0
     dir_mode = config.socket.dir_mode if config.socket.dir_mode is not None else (0o755 if root else 0o700)
     sock_mode = config.socket.mode if config.socket.mode is not None else (0o666 if root else 0o600)
-    rt.sock_mode = sock_mode
     ensure_fd_limit(config.limits.max_connections, rt.log)
     listeners: list[socket.socket] = []
     try:
@@ -482,7 +480,11 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_STARTUP
         import uvloop  # noqa: PLC0415 - only the running daemon needs it
 
-        return uvloop.run(serve(rt, listeners, fifos))
+        try:
+            return uvloop.run(serve(rt, listeners, fifos))
+        except StartupError as exc:  # an endpoint that could only be opened inside the loop
+            rt.log.error("cannot_start", reason=str(exc))
+            return EXIT_STARTUP
     finally:
         for sock in listeners:
             sock.close()

@@ -68,6 +68,8 @@ class SubscribeOptions:
     policy: str = "drop-oldest"
     max_msgs: int = 65536
     max_bytes: int = 16 * 1024 * 1024
+    retained: bool = True  # deliver matching retained messages first (not for a gateway's patterns)
+    queue: OutboundQueue | None = None  # share this queue (a gateway keeps one order for all patterns)
 
 
 @dataclass(slots=True)
@@ -142,7 +144,8 @@ class Router:
                 code=ErrorCode.LIMIT,
             )
         sub = Subscription(session, sid, pattern, opts.group,
-                           OutboundQueue(opts.policy, opts.max_msgs, opts.max_bytes))
+                           opts.queue if opts.queue is not None else OutboundQueue(opts.policy, opts.max_msgs,
+                                                                                   opts.max_bytes))
         delivered = 0
         session.subs[sid] = sub
         if opts.group:
@@ -154,9 +157,10 @@ class Router:
             group.members.append(sub)
         else:
             self.index.add(pattern, sub)
-            for ident, block in self.retained.matching(pattern):
-                session.deliver(sub, ident, block, wire.MSG_RETAINED)
-                delivered += 1
+            if opts.retained:
+                for ident, block in self.retained.matching(pattern):
+                    session.deliver(sub, ident, block, wire.MSG_RETAINED)
+                    delivered += 1
         return sub, delivered
 
     def unsubscribe(self, session: Session, sid: int) -> bool:

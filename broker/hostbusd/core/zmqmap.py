@@ -25,7 +25,9 @@ is a JSON object of strings. Anything else is a fault, counted by kind.
 
 from __future__ import annotations
 
+import codecs
 import json
+import struct
 
 from hostbus import topics, wire
 from hostbus.errors import HostbusError
@@ -35,8 +37,10 @@ _TOKEN_OK = topics._PATTERN_TOKEN_RE  # a literal token or a wildcard
 
 def patterns_for_prefix(prefix: bytes, topic_prefix: str = "") -> list[str]:
     """The hostbus patterns that cover every topic starting with ``prefix``."""
+    # A prefix may end inside a multi-byte character (b"caf\xc3" of "café"): decode what is
+    # complete; the patterns of that part cover the topics the full prefix can match.
     try:
-        text = prefix.decode()
+        text = codecs.getincrementaldecoder("utf-8")().decode(prefix, final=False)
     except UnicodeDecodeError:
         return []
     if topic_prefix:
@@ -79,6 +83,8 @@ def parse_multipart(frames: list[bytes], *, max_bytes: int, topic_prefix: str,
         topic = check_topic(raw_topic)  # type: ignore[operator]
     except HostbusError as exc:
         raise ZmqFault("invalid_topic", str(exc)) from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ZmqFault("invalid_topic", f"topic: {exc}") from None
     if topic_prefix and not topic.startswith(topic_prefix):
         raise ZmqFault("denied_topic", f"topic {topics._show(topic)} is outside the gateway's topic_prefix")
     hblock = b""
@@ -88,7 +94,7 @@ def parse_multipart(frames: list[bytes], *, max_bytes: int, topic_prefix: str,
             if not isinstance(headers, dict):
                 raise ValueError("not an object")
             hblock = wire.encode_headers(headers)
-        except (ValueError, RecursionError, HostbusError) as exc:
+        except (ValueError, RecursionError, HostbusError, struct.error) as exc:
             raise ZmqFault("invalid_headers", f"headers frame: {str(exc)[:80]}") from None
     return topic, wire.message_block(raw_topic, payload, hblock), len(payload)
 

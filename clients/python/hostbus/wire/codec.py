@@ -155,6 +155,8 @@ def encode_headers(headers: Mapping[str, str] | None) -> bytes:
     """The headers block for ``headers`` (empty bytes for no headers)."""
     if not headers:
         return b""
+    if len(headers) > 0xFFFF:
+        raise InvalidHeadersError(f"{len(headers)} headers; at most 65535 fit in a headers block")
     parts = [U16.pack(len(headers))]
     for key, value in headers.items():
         if not isinstance(key, str) or not isinstance(value, str):
