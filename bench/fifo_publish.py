@@ -17,14 +17,13 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import hostbus
-from pubsub_1to1 import peak_rss_kb, start_daemon, stop_daemon
+from pubsub_1to1 import peak_rss_kb, start_daemon, stop_daemon, subscriber
 
 PIPE_BUF = 4096
 LINE = 64
@@ -50,23 +49,6 @@ def writer(fifo: str, n: int, k: int) -> None:
         os.close(fd)
 
 
-def subscriber(sock: str, count: int, ready: Any, result: Any) -> None:
-    bus = hostbus.connect(sock, name="bench-sub")
-    sub = bus.subscribe("bench.fifo", pending_limit=count + 1)
-    ready.set()
-    sub.next(timeout=60)
-    t0 = time.perf_counter()
-    n = 1
-    while n + sub.missed < count:
-        try:
-            sub.next(timeout=5)
-        except hostbus.TimeoutError:
-            break
-        n += 1
-    result.put({"received": n, "missed": sub.missed, "seconds": time.perf_counter() - t0})
-    bus.close()
-
-
 def one_run(count: int, writers: int) -> dict[str, Any]:
     import shutil
     import tempfile
@@ -77,7 +59,7 @@ def one_run(count: int, writers: int) -> dict[str, Any]:
     try:
         ctx = mp.get_context("spawn")
         ready, q = ctx.Event(), ctx.Queue()
-        sp = ctx.Process(target=subscriber, args=(str(sock), count, ready, q))
+        sp = ctx.Process(target=subscriber, args=(str(sock), count, ready, q, "bench.fifo"))
         sp.start()
         if not ready.wait(30):
             raise RuntimeError("subscriber did not subscribe")

@@ -62,9 +62,10 @@ def stop_daemon(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(30)
 
 
-def subscriber(sock: str, count: int, ready: Any, result: Any) -> None:
+def subscriber(sock: str, count: int, ready: Any, result: Any, topic: str = "bench.s1") -> None:
+    """Receive ``count`` messages on ``topic``; report the rate from the first to the last."""
     bus = hostbus.connect(sock, name="bench-sub")
-    sub = bus.subscribe("bench.s1", pending_limit=count + 1)
+    sub = bus.subscribe(topic, pending_limit=count + 1)
     ready.set()
     sub.next(timeout=60)
     t0 = time.perf_counter()
