@@ -214,12 +214,11 @@ class Session:
                 sub.in_backlog = False
 
     def drop_subscription(self, sub: Subscription) -> None:
-        """Forget a subscription's queued messages (it was unsubscribed or ended).
+        """Forget a subscription's queued messages (it was unsubscribed or ended)."""
+        self.queued_bytes -= sub.queue.clear()
+        self._leave_backlog(sub)
 
-        A queue that other subscriptions of this session share (a gateway's) is kept for them.
-        """
-        if not any(other.queue is sub.queue for other in self.subs.values() if other is not sub):
-            self.queued_bytes -= sub.queue.clear()
+    def _leave_backlog(self, sub: Subscription) -> None:
         if sub.in_backlog:
             self.backlog.remove(sub)
             sub.in_backlog = False

@@ -89,9 +89,20 @@ class LineSession(RecordSession):
 
 
 class BlockSession(RecordSession):
-    """The ZeroMQ gateway: the message block itself (the gateway makes the ZeroMQ frames)."""
+    """The ZeroMQ gateway: the message block itself (the gateway makes the ZeroMQ frames).
+
+    All its subscriptions share one queue (one order for all patterns): dropping one pattern
+    keeps the queue for the others, and only the last one clears it.
+    """
 
     __slots__ = ()
+
+    def drop_subscription(self, sub: Subscription) -> None:
+        others = len(self.subs) - (sub.sid in self.subs)
+        if others:
+            self._leave_backlog(sub)
+        else:
+            super().drop_subscription(sub)
 
     def record(self, ident: Identity, block: bytes) -> bytes:
         return block
