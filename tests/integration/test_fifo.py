@@ -288,7 +288,7 @@ def test_config_refuses_bad_sink_patterns(workdir: Path) -> None:
     assert "fifo.sink.0.subjects" in r.stderr and "empty token" in r.stderr
 
 
-def test_publishing_from_a_thread_heavy_shell_pipeline(daemon: Daemon, bus: hostbus.Bus) -> None:
+def test_a_long_lived_pipeline_writer(daemon: Daemon, bus: hostbus.Bus) -> None:
     # journalctl -f | sed ... > fifo, in miniature: one long-lived writer, many lines.
     fifo = daemon.runtime_dir / "publish.fifo"
     sub = bus.subscribe("log.>", pending_limit=10_000)

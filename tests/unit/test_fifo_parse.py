@@ -17,7 +17,8 @@ def make(fmt: str = "auto", prefix: str = "", max_line: int = 100) -> tuple[Fifo
     faults: list[FifoFault] = []
     router = Router(max_subscriptions=10, retained_max_topics=10, retained_max_bytes=1000, stats_max_topics=10)
     parser = FifoParser(fmt, max_line_bytes=max_line, max_frame_bytes=Config().limits.max_frame_bytes,
-                        topic_prefix=prefix, check_topic=router.topic_from_wire, on_fault=faults.append)
+                        topic_prefix=prefix, check_topic=router.topic_from_wire, check_block=router.check_block,
+                        on_fault=faults.append)
     return parser, faults
 
 

@@ -80,12 +80,13 @@ class FifoParser:
     """Turns a FIFO's bytes into messages ready for the router.
 
     ``check_topic`` returns the topic for its UTF-8 bytes or raises (the router's cached check);
+    ``check_block`` checks a PUB frame's block exactly as the socket does (``frames`` format);
     ``on_fault`` receives every skipped unit (kind, message) for counting and logging.
     """
 
     def __init__(self, fmt: str, *, max_line_bytes: int, max_frame_bytes: int, topic_prefix: str,
-                 check_topic: Callable[[bytes], str], on_fault: Callable[[FifoFault], None],
-                 check_block: Callable[[bytes, int], tuple[str, str, int]] | None = None) -> None:
+                 check_topic: Callable[[bytes], str], check_block: Callable[[bytes, int], tuple[str, str, int]],
+                 on_fault: Callable[[FifoFault], None]) -> None:
         if fmt not in FORMATS:
             raise ValueError(f"unknown FIFO format {fmt!r}")
         self.format = fmt
@@ -212,11 +213,7 @@ class FifoParser:
                 for _, frame_flags, body in frames:
                     flags = frame_flags & wire.PUB_RETAIN  # nobody could be told "no responders" on a FIFO
                     try:
-                        if self._check_block is not None:  # the socket's own checks
-                            topic, _, payload_start = self._check_block(body, flags)
-                        else:  # topic checks only (unit tests build parsers without a router)
-                            view = wire.split_block(body)
-                            topic, payload_start = self._topic(view.topic.encode()), view.headers_end
+                        topic, _, payload_start = self._check_block(body, flags)  # the socket's own checks
                         self._prefix_check(topic)
                     except RemoteProtocolError as exc:
                         self._on_fault(FifoFault("malformed", f"bad PUB frame: {exc}"))

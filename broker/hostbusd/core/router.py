@@ -9,7 +9,6 @@ retained, and tells a requester at once when nobody was there to answer. Inbox t
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from hostbus import topics, wire
@@ -289,7 +288,3 @@ class Router:
         if flags & wire.PUB_RETAIN and not topic.startswith(topics.INBOX_PREFIX):  # replies are not kept
             self.retained.put(topic, ident, block, payload_len)  # after delivery: may raise a limit
         return n
-
-    def subscriptions(self) -> Iterator[Subscription]:
-        for session in self.inboxes.values():
-            yield from session.subs.values()

@@ -136,8 +136,8 @@ class FifoIngress:
         self.ident = hub.identity(NO_ID, NO_ID, 0, f"fifo:{path}")
         self.parser = FifoParser(fmt, max_line_bytes=cfg.max_line_bytes,
                                  max_frame_bytes=hub.config.limits.max_frame_bytes, topic_prefix=topic_prefix,
-                                 check_topic=hub.router.topic_from_wire, on_fault=self._fault,
-                                 check_block=hub.router.check_block)
+                                 check_topic=hub.router.topic_from_wire, check_block=hub.router.check_block,
+                                 on_fault=self._fault)
         self.partial_since: float | None = None
         self.loop = asyncio.get_running_loop()
 

@@ -17,7 +17,6 @@ from typing import Any, Final, NamedTuple
 from hostbus.errors import (
     ErrorCode,
     InvalidHeadersError,
-    LocalProtocolError,
     MessageTooLargeError,
     RemoteProtocolError,
 )
@@ -325,9 +324,3 @@ def decode_gap(body: bytes) -> tuple[int, int]:
         raise RemoteProtocolError("GAP frame has the wrong size")
     sid, missed = GAP.unpack(body)
     return int(sid), int(missed)
-
-
-def check_local_u32(value: int, what: str) -> int:
-    if not 0 <= value <= 0xFFFFFFFF:
-        raise LocalProtocolError(f"{what} {value} does not fit in a u32")
-    return value
