@@ -29,8 +29,9 @@ HOUSEKEEPING_INTERVAL = 0.25
 class Broker:
     def __init__(self, config: Config, listeners: Sequence[socket.socket], fifos: Sequence[OpenedFifo] = (),
                  on_peer_error: PeerErrorSink | None = None, zmq_endpoints: tuple[str, str] | None = None,
-                 zmq_mode: int = 0o600) -> None:
-        self.hub = Hub(config, on_peer_error) if on_peer_error is not None else Hub(config)
+                 zmq_mode: int = 0o600, system: bool = False) -> None:
+        self.hub = (Hub(config, on_peer_error, system=system) if on_peer_error is not None
+                    else Hub(config, system=system))
         self.listeners = list(listeners)
         self._initial_fifos = list(fifos)
         self.peers: set[UnixPeer] = set()

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hostbus import topics
+from hostbusd.core.acl import principal_problem
 
 MiB = 1024 * 1024
 
@@ -37,6 +38,13 @@ class SocketConfig(_Section):
         "who may do what is decided per message from the kernel-verified identity).",
     )
 
+    group: str | None = Field(
+        None, min_length=1,
+        description="Group (a name) of the runtime directory and the socket, set before either is reachable "
+        "under its name: with dir_mode 0o750 and mode 0o660 only this group's members (and the daemon's "
+        "user) may connect. Default: the daemon's primary group.",
+    )
+
     @field_validator("dir_mode")
     @classmethod
     def _not_writable_by_others(cls, mode: int | None) -> int | None:
@@ -57,6 +65,20 @@ class LimitsConfig(_Section):
         1024, ge=1,
         description="Connections the daemon accepts at once; one more is told CONNECTION_LIMIT and closed. "
         "Keeps file descriptors and memory bounded (stay below the process's RLIMIT_NOFILE).",
+    )
+    max_connections_per_uid: int = Field(
+        256, ge=1,
+        description="Connections one uid may hold at once (root included); one more is told CONNECTION_LIMIT. "
+        "A quarter of max_connections, so one user cannot take every slot.",
+    )
+    max_subscriptions_per_uid: int = Field(
+        50000, ge=1,
+        description="Subscriptions one uid may hold across all its connections; one more is refused with LIMIT.",
+    )
+    max_queued_bytes_per_uid: int = Field(
+        256 * MiB, ge=64 * 1024,
+        description="Bytes of messages held for all connections of one uid that are not reading; past it that "
+        "uid's subscriptions apply their overflow policies, and other users' connections are unaffected.",
     )
     max_subscriptions_per_connection: int = Field(
         10000, ge=1,
@@ -227,6 +249,48 @@ class ZmqConfig(_Section):
     )
 
 
+def _check_principals(entries: list[str] | None) -> list[str] | None:
+    for entry in entries or ():
+        problem = principal_problem(entry)
+        if problem is not None:
+            raise ValueError(f"principal {entry!r}: {problem}")
+    return entries
+
+
+class AccessConfig(_Section):
+    default: Literal["allow", "deny"] | None = Field(
+        None, description="What happens when no [[acl]] rule names an action for a topic. Default: deny for the "
+        "system instance (runtime directory /run/hostbus), allow for a user instance (only its owner can "
+        "connect to it).",
+    )
+
+
+class AclRule(_Section):
+    topic: str = Field(description="Topic pattern the rule is about (wildcards allowed). The most specific "
+                       "matching rule that names an action decides it (docs/security.md).")
+    publish: list[str] | None = Field(
+        None, description="Who may publish: '*', uid:N, user:NAME, group:NAME, unit:NAME, zmq:NAME; '!' before an "
+        "entry refuses it. Absent: this rule does not decide publishing. []: nobody.",
+    )
+    subscribe: list[str] | None = Field(
+        None, description="Who may subscribe (also in queue groups and, later, consume topic queues on these "
+        "subjects). Same form as publish.",
+    )
+    manage: list[str] | None = Field(None, description="Who may declare or delete topic queues on these subjects.")
+
+    @field_validator("topic")
+    @classmethod
+    def _valid_topic(cls, pattern: str) -> str:
+        problem = topics.pattern_problem(pattern)
+        if problem is not None:
+            raise ValueError(f"invalid pattern {pattern!r}: {problem}")
+        if pattern.split(".", maxsplit=1)[0] == "_INBOX":
+            raise ValueError("replies to inboxes need no rule and cannot be restricted; allowed: any other pattern")
+        return pattern
+
+    _principals = field_validator("publish", "subscribe", "manage")(_check_principals)
+
+
 class StatsConfig(_Section):
     max_topics: int = Field(
         1000, ge=0,
@@ -273,6 +337,8 @@ class Config(_Section):
     retained: RetainedConfig = RetainedConfig()
     fifo: FifoConfig = FifoConfig()
     zmq: ZmqConfig = ZmqConfig()
+    access: AccessConfig = AccessConfig()
+    acl: list[AclRule] = Field(default_factory=list, description="Access rules ([[acl]] tables), see access.default.")
     stats: StatsConfig = StatsConfig()
     log: LogConfig = LogConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
@@ -287,6 +353,16 @@ class Config(_Section):
                 if pattern.split(".")[0] == "_INBOX":
                     raise ValueError(f"fifo.sink.{i}.subjects: {pattern!r} names reply inboxes, which cannot be "
                                      "subscribed; allowed: any other pattern")
+        return self
+
+    @model_validator(mode="after")
+    def _one_rule_per_pattern(self) -> Config:
+        seen: dict[str, int] = {}
+        for i, rule in enumerate(self.acl):
+            if rule.topic in seen:
+                raise ValueError(f"acl.{i}.topic {rule.topic!r} is also the topic of acl.{seen[rule.topic]}: "
+                                 "allowed: one rule per pattern (merge their lists)")
+            seen[rule.topic] = i
         return self
 
     @model_validator(mode="after")

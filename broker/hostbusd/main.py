@@ -24,6 +24,7 @@ from hostbusd.config import Config, ConfigError, FifoIngressConfig, FifoSinkConf
 from hostbusd.errors import StartupError
 from hostbusd.net.fifo import DEFAULT_FIFO, OpenedFifo, open_ingress, prepare_fifo
 from hostbusd.net.zmq_gateway import check_endpoint
+from hostbusd.ownership import lookup_gid
 
 EXIT_OK = 0
 EXIT_STARTUP = 1  # could not start: another daemon, unusable directory, ...
@@ -72,32 +73,49 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def prepare_dir(path: Path, mode: int) -> bool:
-    """Create ``path`` with ``mode`` if missing (True if created); refuse one others could tamper with."""
+def prepare_dir(path: Path, mode: int, gid: int = -1) -> bool:
+    """Create ``path`` with ``mode`` (and group ``gid``) if missing (True if created); refuse one
+    others could tamper with, or one whose group is not ``gid``.
+
+    A new directory is made owner-only, given its group, and only then its mode: while it is
+    empty, so nothing inside is ever reachable by more users than configured.
+    """
     uid = os.getuid()
     created = False
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            os.mkdir(path, mode)
-            os.chmod(path, mode)  # the umask may have narrowed it; nothing is inside yet
+            os.mkdir(path, 0o700)
             created = True
+            if gid != -1:
+                os.chown(path, -1, gid)
+            os.chmod(path, mode)  # the umask may have narrowed it; nothing is inside yet
         except FileExistsError:
             pass
+        except OSError as exc:
+            raise StartupError(f"cannot set the group of {path}: {exc.strerror} (the daemon's user must be a "
+                               "member of socket.group)") from None
     st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode):
         raise StartupError(f"{path} exists and is not a directory (a symlink is refused too)")
     if st.st_uid != uid:
         raise StartupError(f"{path} belongs to uid {st.st_uid}, not to this daemon's uid {uid}; "
                            "remove it or choose another directory")
+    if gid not in (-1, st.st_gid):
+        raise StartupError(f"{path} exists with group {st.st_gid}, not socket.group's {gid}; the daemon never "
+                           f"changes who may enter an existing directory: chgrp it, or remove it")
     if st.st_mode & 0o022:
         raise StartupError(f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}); "
                            "others could replace the socket: chmod go-w it or choose another directory")
     return created
 
 
-def bind_socket(path: Path, mode: int) -> socket.socket:
-    """Bind a listening socket at ``path`` with ``mode``, replacing a stale one."""
+def bind_socket(path: Path, mode: int, gid: int = -1) -> socket.socket:
+    """Bind a listening socket at ``path`` with ``mode`` (and group ``gid``), replacing a stale one.
+
+    With a group, the socket is bound owner-only under a temporary name, given its group and
+    mode, and renamed into place: at its path it has its final group and mode from the start.
+    """
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -119,11 +137,19 @@ def bind_socket(path: Path, mode: int) -> socket.socket:
         finally:
             probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o777 & ~mode)  # the socket is born with its mode: no window, no chmod
+    where = path if gid == -1 else path.with_name(f".{path.name}.{os.getpid()}.new")
+    old = os.umask(0o777 & ~mode if gid == -1 else 0o177)  # born with its mode (or owner-only): no window
     try:
-        sock.bind(str(path))
+        sock.bind(str(where))
+        if gid != -1:
+            os.chown(where, -1, gid)
+            os.chmod(where, mode)
+            os.rename(where, path)
     except OSError as exc:
         sock.close()
+        with contextlib.suppress(OSError):
+            if where != path:
+                os.unlink(where)
         raise StartupError(f"cannot bind {path}: {exc.strerror}") from None
     finally:
         os.umask(old)
@@ -404,7 +430,8 @@ async def serve(rt: Runtime, listeners: list[socket.socket], fifos: list[OpenedF
 
     loop.set_exception_handler(internal_error)
     broker = Broker(rt.config, listeners, fifos, on_peer_error=peer_log.warning,
-                    zmq_endpoints=rt.zmq_endpoints, zmq_mode=rt.config.zmq.mode)
+                    zmq_endpoints=rt.zmq_endpoints, zmq_mode=rt.config.zmq.mode,
+                    system=rt.runtime_dir == paths.SYSTEM_RUNTIME_DIR)
     rt.fifo_fds.clear()  # the broker owns them now
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -465,10 +492,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             listeners = rt.adopt(systemd.listen_fds(os.environ))
-            rt.created_runtime_dir = prepare_dir(rt.runtime_dir, dir_mode)
+            gid = lookup_gid(config.socket.group, "socket.group") if config.socket.group else -1
+            rt.created_runtime_dir = prepare_dir(rt.runtime_dir, dir_mode, gid)
             prepare_dir(rt.state_dir, 0o700)
             if not listeners:
-                listeners = [bind_socket(rt.sock_path, sock_mode)]
+                listeners = [bind_socket(rt.sock_path, sock_mode, gid)]
                 rt.owned.append((rt.sock_path, os.stat(rt.sock_path).st_ino))
             fifos = rt.open_fifos()
             rt.plan_zmq()

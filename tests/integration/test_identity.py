@@ -17,7 +17,12 @@ def test_messages_carry_the_publishers_kernel_identity(bus: hostbus.Bus) -> None
     bus.publish("who", b"me")
     msg = sub.next(timeout=5)
     assert msg.sender == hostbus.Sender(os.getuid(), os.getgid(), os.getpid(), "")
-    assert bus.identity == {"uid": os.getuid(), "gid": os.getgid(), "pid": os.getpid()}
+    import pwd
+
+    user = pwd.getpwuid(os.getuid()).pw_name
+    assert {k: bus.identity[k] for k in ("uid", "gid", "pid", "user")} == {
+        "uid": os.getuid(), "gid": os.getgid(), "pid": os.getpid(), "user": user}
+    assert {"*", f"uid:{os.getuid()}", f"user:{user}"} <= set(bus.identity["principals"])
 
 
 @pytest.mark.needs_root

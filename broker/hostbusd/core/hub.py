@@ -11,13 +11,15 @@ from collections.abc import Callable
 from typing import Any
 
 from hostbus import topics, wire
+from hostbus.errors import ErrorCode, PermissionDeniedError
 from hostbusd import __version__
 from hostbusd.config import Config
+from hostbusd.core.acl import ACTIONS, Policy, Principals
 from hostbusd.core.fifo import FifoEntry
 from hostbusd.core.identity import Identity
 from hostbusd.core.outbound import OutboundQueue
 from hostbusd.core.router import Router
-from hostbusd.core.session import Session
+from hostbusd.core.session import Account, Session
 
 PeerErrorSink = Callable[..., Any]
 
@@ -26,12 +28,24 @@ def _ignore(kind: str, **fields: Any) -> None:
     pass
 
 
+def build_policy(config: Config, system: bool) -> Policy:
+    """The access policy of ``config``; ``system``: this is the system instance (default deny)."""
+    default = config.access.default
+    allow = (not system) if default is None else default == "allow"
+    return Policy(((r.topic, {"publish": r.publish, "subscribe": r.subscribe, "manage": r.manage})
+                   for r in config.acl), allow)
+
+
 class Hub:
-    def __init__(self, config: Config, on_peer_error: PeerErrorSink = _ignore) -> None:
+    def __init__(self, config: Config, on_peer_error: PeerErrorSink = _ignore, *, system: bool = False) -> None:
         self.config = config
+        self.system = system
+        self.policy = build_policy(config, system)
+        self.accounts: dict[int, Account] = {}
         lim = config.limits
         self.router = Router(
             max_subscriptions=lim.max_subscriptions_per_connection,
+            max_subscriptions_per_uid=lim.max_subscriptions_per_uid,
             retained_max_topics=config.retained.max_topics,
             retained_max_bytes=config.retained.max_bytes,
             stats_max_topics=config.stats.max_topics,
@@ -48,11 +62,21 @@ class Hub:
         self.gateways: dict[str, Any] = {}  # name -> ZeroMQ gateway (has describe() and a session)
 
     def apply_config(self, config: Config) -> None:
-        """A reloaded configuration: new bounds for the router and for every open session."""
+        """A reloaded configuration: new bounds and rules for the router and every open session.
+
+        Subscriptions the new rules no longer allow are ended, each with an ERR naming the rule.
+        """
         self.config = config
         lim = config.limits
         router = self.router
         router.max_subscriptions = lim.max_subscriptions_per_connection
+        router.max_subscriptions_per_uid = lim.max_subscriptions_per_uid
+        self.policy = build_policy(config, self.system)
+        for session in [*self.sessions, *(gw.session for gw in self.gateways.values())]:
+            session.account_max_queued = lim.max_queued_bytes_per_uid
+            if session.principals is not None:
+                session.access = self.policy.access(session.principals)
+                self._recheck_subscriptions(session)
         router.retained.max_topics = config.retained.max_topics
         router.retained.max_bytes = config.retained.max_bytes
         router.stats_max_topics = config.stats.max_topics
@@ -64,6 +88,47 @@ class Hub:
         """Subscribers inside the daemon: FIFO sinks and ZeroMQ gateways."""
         return [*(e.session for e in self.fifos.values() if e.session is not None),
                 *(gw.session for gw in self.gateways.values())]
+
+    def _recheck_subscriptions(self, session: Session) -> None:
+        for sid, sub in list(session.subs.items()):
+            try:
+                sub.acl = self.router.subscribe_filter(session, sub.pattern, sub.group)
+            except PermissionDeniedError as exc:
+                self.router.unsubscribe(session, sid)
+                self.peer_error("subscription_ended", session, sid=sid, pattern=sub.pattern, reason=str(exc))
+                session.send(wire.encode_err(ErrorCode.PERMISSION_DENIED, sid,
+                                             f"subscription ended by new access rules: {exc}", fatal=False))
+
+    def account(self, uid: int) -> Account:
+        acct = self.accounts.get(uid)
+        if acct is None:
+            acct = self.accounts[uid] = Account(uid)
+        return acct
+
+    def admit(self, session: Session, principals: Principals) -> str | None:
+        """A new Unix-socket peer: charge its uid and give it its rules; else why it is refused."""
+        lim = self.config.limits
+        acct = self.account(principals.uid)
+        if acct.connections >= lim.max_connections_per_uid:
+            return (f"uid {principals.uid} already has {acct.connections} connections, the limit "
+                    "(limits.max_connections_per_uid)")
+        acct.connections += 1
+        session.account = acct
+        session.account_max_queued = lim.max_queued_bytes_per_uid
+        session.principals = principals
+        session.access = self.policy.access(principals)
+        return None
+
+    def release(self, session: Session) -> None:
+        """The peer's connection is gone: give back what it held (after :meth:`close`)."""
+        acct = session.account
+        if acct is None:
+            return
+        session.release()
+        acct.connections -= 1
+        session.account = None
+        if acct.idle:
+            del self.accounts[acct.uid]
 
     def identity(self, uid: int, gid: int, pid: int, origin: str = "") -> Identity:
         return Identity(next(self._refs), uid, gid, pid, origin)
@@ -104,7 +169,8 @@ class Hub:
             "protocol": wire.PROTOCOL_VERSION,
             "server": f"hostbusd {__version__}",
             "client_id": ident.ref,
-            "identity": {"uid": ident.uid, "gid": ident.gid, "pid": ident.pid},
+            "identity": {"uid": ident.uid, "gid": ident.gid, "pid": ident.pid,
+                         **(session.principals.describe() if session.principals is not None else {})},
             "inbox": inbox,
             "limits": {
                 "max_frame_bytes": lim.max_frame_bytes,
@@ -114,6 +180,21 @@ class Hub:
                 "max_queued_bytes_per_connection": lim.max_queued_bytes_per_connection,
             },
         }
+
+    def may(self, session: Session, topic: str) -> dict[str, Any]:
+        """What the session's peer may do on ``topic`` (a pattern: what it may subscribe), and why."""
+        names = session.principals.names if session.principals is not None else frozenset({"*"})
+        wild = any(t in ("*", ">") for t in topic.split("."))
+        out: dict[str, Any] = {}
+        for action in ACTIONS:
+            if wild:
+                verdict, decision = self.policy.decide_pattern(names, action, topic)
+                out[action] = {"allowed": {"allow": True, "deny": False}.get(verdict, "some topics"),
+                               "rule": decision.rule}
+            else:
+                decision = self.policy.decide(names, action, topic)
+                out[action] = {"allowed": decision.allowed, "rule": decision.rule}
+        return out
 
     def stats(self) -> dict[str, Any]:
         r = self.router

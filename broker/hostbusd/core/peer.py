@@ -27,7 +27,7 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-from hostbus import wire
+from hostbus import topics, wire
 from hostbus.errors import ErrorCode, HostbusError, InvalidTopicError, RemoteProtocolError
 from hostbus.wire import FrameType
 from hostbusd.core.hub import Hub
@@ -120,6 +120,14 @@ class PeerCore:
         session = self.session
         session.msgs_in += 1
         session.bytes_in += len(body)
+        access = session.access
+        if access is not None:
+            decision = access.publish(topic)
+            if not decision.allowed:
+                self.hub.peer_error("publish_denied", session, topic=topic, rule=decision.rule)
+                session.send(wire.encode_err(ErrorCode.PERMISSION_DENIED, 0,
+                                             f"may not publish to {topic!r}: {decision.rule}", fatal=False))
+                return 0
         try:
             return router.publish(session.ident, topic, body, flags, reply, len(body) - h1, session)
         except HostbusError as exc:  # a limit of the retained store: tell the publisher, go on
@@ -214,6 +222,14 @@ class PeerCore:
             result = self.hub.stats()
         elif op == "whoami":
             result = self.hub.welcome(session, f"_INBOX.{session.inbox_token}")
+            topic = req.get("topic")
+            if topic is not None:
+                problem = topics.pattern_problem(topic) if isinstance(topic, str) else "must be a string"
+                if problem is not None:
+                    message = f"whoami: 'topic' {str(topic)[:64]!r} is not a topic or pattern: {problem}"
+                    session.send(wire.encode_err(ErrorCode.INVALID_TOPIC, call_id, message, False))
+                    return
+                result["access"] = self.hub.may(session, topic)
         else:
             message = f"unknown CALL op {str(op)[:64]!r}; known: stats, whoami"
             session.send(wire.encode_err(ErrorCode.INVALID_ARGUMENT, call_id, message, False))

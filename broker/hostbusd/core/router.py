@@ -21,6 +21,7 @@ from hostbus.errors import (
     RemoteProtocolError,
 )
 from hostbus.wire.frames import MAX_HEADERS_BYTES
+from hostbusd.core.acl import Access
 from hostbusd.core.identity import Identity
 from hostbusd.core.index import TopicIndex
 from hostbusd.core.outbound import OutboundQueue
@@ -86,6 +87,7 @@ class Router:
         self,
         *,
         max_subscriptions: int,
+        max_subscriptions_per_uid: int = 1 << 62,
         retained_max_topics: int,
         retained_max_bytes: int,
         stats_max_topics: int,
@@ -95,6 +97,7 @@ class Router:
         self.retained = RetainedStore(retained_max_topics, retained_max_bytes)
         self.inboxes: dict[str, Session] = {}
         self.max_subscriptions = max_subscriptions
+        self.max_subscriptions_per_uid = max_subscriptions_per_uid
         self.stats = RouterStats()
         self.stats_max_topics = stats_max_topics
         self._valid_topics: dict[bytes, str] = {}  # UTF-8 form -> checked topic
@@ -142,11 +145,22 @@ class Router:
                 "(limits.max_subscriptions_per_connection)",
                 code=ErrorCode.LIMIT,
             )
+        account = session.account
+        if account is not None and account.subscriptions >= self.max_subscriptions_per_uid:
+            raise LimitExceededError(
+                f"uid {account.uid} already holds {account.subscriptions} subscriptions across its connections, "
+                "the limit (limits.max_subscriptions_per_uid)",
+                code=ErrorCode.LIMIT,
+            )
+        acl = self.subscribe_filter(session, pattern, opts.group)
         sub = Subscription(session, sid, pattern, opts.group,
                            opts.queue if opts.queue is not None else OutboundQueue(opts.policy, opts.max_msgs,
                                                                                    opts.max_bytes))
+        sub.acl = acl
         delivered = 0
         session.subs[sid] = sub
+        if account is not None:
+            account.subscriptions += 1
         if opts.group:
             key = (opts.group, pattern)
             group = self.groups.get(key)
@@ -158,9 +172,31 @@ class Router:
             self.index.add(pattern, sub)
             if opts.retained:
                 for ident, block in self.retained.matching(pattern):
+                    if acl is not None and not acl.may_receive(wire.split_block(block)[0]):
+                        continue
                     session.deliver(sub, ident, block, wire.MSG_RETAINED)
                     delivered += 1
         return sub, delivered
+
+    def subscribe_filter(self, session: Session, pattern: str, group: str | None) -> Access | None:
+        """Decide a subscription under the session's rules: None (all its topics allowed), the
+        per-message filter to apply, or PermissionDeniedError naming the rule that refused.
+        """
+        access = session.access
+        if access is None:
+            return None
+        verdict, decision = access.subscribe(pattern)
+        if verdict == "allow":
+            return None
+        if verdict == "deny" and session.account is not None:  # the daemon's own subscribers just filter
+            raise PermissionDeniedError(f"may not subscribe to {pattern!r}: {decision.rule}",
+                                        code=ErrorCode.PERMISSION_DENIED)
+        if group is not None:
+            raise PermissionDeniedError(
+                f"may subscribe to only some topics of {pattern!r} (the rules differ inside it), and a queue group "
+                "member must be able to take every message of its group: subscribe to a narrower pattern",
+                code=ErrorCode.PERMISSION_DENIED)
+        return access
 
     def unsubscribe(self, session: Session, sid: int) -> bool:
         sub = session.subs.pop(sid, None)
@@ -171,6 +207,8 @@ class Router:
 
     def _remove(self, sub: Subscription) -> None:
         sub.session.drop_subscription(sub)
+        if sub.session.account is not None:
+            sub.session.account.subscriptions -= 1
         if sub.group:
             key = (sub.group, sub.pattern)
             group = self.groups.get(key)
@@ -276,9 +314,11 @@ class Router:
         else:
             for entry in self.index.match(topic):
                 if type(entry) is Subscription:
+                    if entry.acl is not None and not entry.acl.may_receive(topic):
+                        continue
                     entry.session.deliver(entry, ident, block)
                 else:
-                    sub = entry.pick()  # type: ignore[union-attr]
+                    sub = entry.pick()  # type: ignore[union-attr]  # members never filter (subscribe_filter)
                     sub.session.deliver(sub, ident, block)
                 n += 1
         stats.deliveries += n

@@ -19,6 +19,7 @@ from typing import Protocol
 
 from hostbus import wire
 from hostbus.errors import ErrorCode
+from hostbusd.core.acl import Access, Principals
 from hostbusd.core.identity import Identity
 from hostbusd.core.outbound import OutboundQueue, Overflow
 
@@ -48,10 +49,30 @@ class _NullEgress:
         pass
 
 
-class Subscription:
-    """A pattern subscribed by one session under a subscription id (``sid``)."""
+class Account:
+    """What one uid holds across its connections, and its limits (``limits.*_per_uid``)."""
 
-    __slots__ = ("group", "in_backlog", "pattern", "queue", "session", "sid")
+    __slots__ = ("connections", "queued_bytes", "subscriptions", "uid")
+
+    def __init__(self, uid: int) -> None:
+        self.uid = uid
+        self.connections = 0
+        self.subscriptions = 0
+        self.queued_bytes = 0
+
+    @property
+    def idle(self) -> bool:
+        return not (self.connections or self.subscriptions or self.queued_bytes)
+
+
+class Subscription:
+    """A pattern subscribed by one session under a subscription id (``sid``).
+
+    ``acl`` is set when the peer may receive only some of the pattern's topics: each message
+    is then checked (:meth:`Access.may_receive`) before it is handed over.
+    """
+
+    __slots__ = ("acl", "group", "in_backlog", "pattern", "queue", "session", "sid")
 
     def __init__(
         self, session: Session, sid: int, pattern: str, group: str | None, queue: OutboundQueue
@@ -62,6 +83,7 @@ class Subscription:
         self.group = group
         self.queue = queue
         self.in_backlog = False
+        self.acl: Access | None = None
 
     def __repr__(self) -> str:
         return f"<Subscription {self.sid} {self.pattern!r} group={self.group!r} of {self.session.ident.ref}>"
@@ -69,6 +91,9 @@ class Subscription:
 
 class Session:
     __slots__ = (
+        "access",
+        "account",
+        "account_max_queued",
         "backlog",
         "batch_bytes",
         "bytes_in",
@@ -89,6 +114,7 @@ class Session:
         "out",
         "out_bytes",
         "paused",
+        "principals",
         "queued_bytes",
         "subs",
     )
@@ -96,6 +122,10 @@ class Session:
     def __init__(self, ident: Identity, *, batch_bytes: int, max_queued_bytes: int) -> None:
         self.ident = ident
         self.name = ""
+        self.access: Access | None = None  # None: every action is allowed (no rules apply)
+        self.principals: Principals | None = None
+        self.account: Account | None = None  # None for the daemon's own subscribers
+        self.account_max_queued = 0
         self.egress: Egress = _NullEgress()
         # Called once when the session fails (code, message, peer_fault), before the egress closes:
         # the owner detaches it from the router at once, so nothing is routed to a dying peer.
@@ -138,8 +168,12 @@ class Session:
             self._poke()
             return
         missed = q.missed
+        room = self.max_queued_bytes - self.queued_bytes
+        account = self.account
+        if account is not None:
+            room = min(room, self.account_max_queued - account.queued_bytes)
         try:
-            self.queued_bytes += q.push((ident, block, flags), len(block), self.max_queued_bytes - self.queued_bytes)
+            delta = q.push((ident, block, flags), len(block), room)
         except Overflow:
             self.fail(
                 ErrorCode.SLOW_CONSUMER,
@@ -147,6 +181,9 @@ class Session:
                 f"{q.max_bytes} bytes while the connection was not reading",
             )
             return
+        self.queued_bytes += delta
+        if account is not None:
+            account.queued_bytes += delta
         self.dropped += q.missed - missed
         if not sub.in_backlog:
             sub.in_backlog = True
@@ -202,7 +239,7 @@ class Session:
             q = sub.queue
             if q.items:
                 ident, block, flags = q.pop()
-                self.queued_bytes -= len(block)
+                self._unqueue(len(block))
                 self._write_msg(sub, ident, block, flags)
             elif q.missed:
                 self._append(wire.encode_gap(sub.sid, q.missed))
@@ -215,8 +252,20 @@ class Session:
 
     def drop_subscription(self, sub: Subscription) -> None:
         """Forget a subscription's queued messages (it was unsubscribed or ended)."""
-        self.queued_bytes -= sub.queue.clear()
+        self._unqueue(sub.queue.clear())
         self._leave_backlog(sub)
+
+    def _unqueue(self, nbytes: int) -> None:
+        self.queued_bytes -= nbytes
+        if self.account is not None:
+            self.account.queued_bytes -= nbytes
+
+    def release(self) -> None:
+        """The session is gone: give back what its queues held to its uid's account."""
+        self.backlog.clear()
+        if self.inbox is not None:
+            self.inbox.queue.clear()
+        self._unqueue(self.queued_bytes)
 
     def _leave_backlog(self, sub: Subscription) -> None:
         if sub.in_backlog:

@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import errno
 import fcntl
-import grp
 import os
 import select
 import stat
@@ -39,6 +38,7 @@ from hostbusd.core.router import SubscribeOptions
 from hostbusd.core.sink import LineSession
 from hostbusd.errors import StartupError
 from hostbusd.net import LoopEgress
+from hostbusd.ownership import lookup_gid
 
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 #: The publish FIFO every daemon has unless fifo.default_ingress is false.
@@ -64,12 +64,7 @@ def prepare_fifo(path: Path, mode: int, group: str | None) -> bool:
     A new FIFO is created owner-only and gets its group and final mode after, so it is never
     open to more writers than configured. An existing one must be a FIFO owned by this user.
     """
-    gid = -1
-    if group:
-        try:
-            gid = grp.getgrnam(group).gr_gid
-        except KeyError:
-            raise StartupError(f"FIFO {path}: no such group {group!r}") from None
+    gid = lookup_gid(group, f"FIFO {path}") if group else -1
     created = False
     try:
         parent = os.stat(path.parent)

@@ -10,25 +10,14 @@ transport's ``pause_writing``/``resume_writing`` switch the session between writ
 from __future__ import annotations
 
 import asyncio
-import socket
-import struct
 from typing import TYPE_CHECKING, cast
 
 from hostbus.errors import ErrorCode
 from hostbusd.core.peer import PeerCore, State
+from hostbusd.net.creds import peer_credentials, peer_principals
 
 if TYPE_CHECKING:
     from hostbusd.core.hub import Hub
-
-_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
-
-
-def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the process at the other end, as the kernel recorded it at connect."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    pid, uid, gid = _UCRED.unpack(raw)
-    return pid, uid, gid
-
 
 class UnixPeer(asyncio.Protocol):
     def __init__(self, hub: Hub, peers: set[UnixPeer]) -> None:
@@ -59,6 +48,11 @@ class UnixPeer(asyncio.Protocol):
             core.fail(ErrorCode.CONNECTION_LIMIT,
                       f"the broker is at its limit of {hub.config.limits.max_connections} connections "
                       "(limits.max_connections); try again later")
+            return
+        refusal = hub.admit(core.session, peer_principals(sock, uid, gid, pid))
+        if refusal is not None:
+            hub.rejected_connections += 1
+            core.fail(ErrorCode.CONNECTION_LIMIT, refusal)
 
     def data_received(self, data: bytes) -> None:
         core = self.core
@@ -124,6 +118,7 @@ class UnixPeer(asyncio.Protocol):
             self.core.state = State.CLOSED
             self.core.session.closing = True
             self.hub.close(self.core.session)
+            self.hub.release(self.core.session)
         self.peers.discard(self)
         self.closed.set()
 

@@ -30,6 +30,7 @@ import zmq
 
 from hostbus.topics import MAX_TOPIC_BYTES
 from hostbusd.config import ZmqConfig
+from hostbusd.core.acl import Principals
 from hostbusd.core.hub import Hub
 from hostbusd.core.identity import Identity
 from hostbusd.core.outbound import OutboundQueue
@@ -140,6 +141,9 @@ class ZmqGateway(LoopEgress):
                                     batch_bytes=lim.write_batch_bytes,
                                     max_queued_bytes=lim.max_queued_bytes_per_connection)
         self.session.egress = self
+        # The endpoint is a principal of its own for the access rules (zmq:NAME).
+        self.session.principals = Principals.named(f"zmq:{cfg.name}")
+        self.session.access = hub.policy.access(self.session.principals)
         # One queue for all the gateway's patterns, so messages leave in the order they came; a
         # shared gateway cannot be "disconnected", so its policy always drops (and counts).
         policy = subs.policy if subs.policy != "disconnect" else "drop-oldest"
@@ -204,6 +208,12 @@ class ZmqGateway(LoopEgress):
             except ZmqFault as fault:
                 self._fault(fault.kind, str(fault))
                 continue
+            access = self.session.access
+            if access is not None:
+                decision = access.publish(topic)
+                if not decision.allowed:
+                    self._fault("denied", f"may not publish to {topic!r}: {decision.rule}")
+                    continue
             router.publish(self.ident, topic, block, 0, "", payload_len, None)
             self.msgs_in += 1
         return True

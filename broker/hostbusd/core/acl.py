@@ -1,0 +1,296 @@
+"""Access control: who may publish, subscribe and manage which topics.
+
+A peer is a set of *principals* (``*``, ``uid:N``, ``user:NAME``, ``group:NAME`` for its primary
+and supplementary groups, ``unit:NAME`` for its systemd unit, ``zmq:NAME`` for a ZeroMQ
+endpoint). A *rule* has a topic pattern and, for each action it names, a list of principals;
+an entry written ``!PRINCIPAL`` refuses instead of allowing.
+
+How one (peer, action, topic) is decided -- the whole definition:
+
+1. Take the rules that name the action and whose pattern matches the topic (the same matching
+   as subscriptions: ``*`` one token, ``>`` one or more; wildcards in the first token never match
+   ``$`` topics).
+2. The most specific of them decides: patterns are compared token by token from the left, a
+   literal token beats ``*``, and ``*`` beats ``>``. Two rules may not have the same pattern, so
+   exactly one is the most specific.
+3. In that rule a ``!`` entry matching the peer refuses; otherwise an entry matching the peer
+   allows; otherwise the action is refused (a rule that names an action lists everyone allowed).
+4. No rule names the action for the topic: ``access.default`` decides.
+
+Replies to a request's ``_INBOX.`` subject need no rule: only the requester's connection
+receives them and the subject is known only to the request's recipients.
+
+A subscription pattern is decided as a whole when every topic it can match gets the same
+answer; otherwise it is accepted with a per-message filter, so a ``>`` subscriber sees exactly
+the topics it may see and nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from hostbus import topics
+
+Action = Literal["publish", "subscribe", "manage"]
+ACTIONS: tuple[Action, ...] = ("publish", "subscribe", "manage")
+
+#: Topics whose decision an :class:`Access` remembers per action before it starts over.
+DECISION_CACHE = 65536
+
+
+
+# ---- principals ----------------------------------------------------------------------------------
+
+
+def principal_problem(entry: str) -> str | None:
+    """Why ``entry`` (a rule's principal, optionally ``!``-prefixed) is not valid, or None."""
+    name = entry[1:] if entry.startswith("!") else entry
+    if name == "*":
+        return None
+    kind, sep, value = name.partition(":")
+    if not sep or kind not in ("uid", "user", "group", "unit", "zmq"):
+        return "must be '*', uid:N, user:NAME, group:NAME, unit:NAME or zmq:NAME (prefix '!' to refuse)"
+    if not value or any(c.isspace() for c in value):
+        return "needs a name without spaces after the ':'"
+    if kind == "uid" and not value.isdigit():
+        return "uid: takes a number"
+    return None
+
+
+def unit_of_cgroup(text: str) -> str | None:
+    """The systemd unit in the contents of ``/proc/PID/cgroup``, or None.
+
+    The systemd hierarchy (``name=systemd``, cgroup v1/hybrid) is read if present, else the
+    unified one (``0::``). The unit is the first path component that is not a slice:
+    ``/system.slice/nginx.service`` -> ``nginx.service``; a user's process gives its session
+    scope or ``user@UID.service``.
+    """
+    path = None
+    for line in text.splitlines():
+        _, controllers, cg = ([*line.split(":", 2), "", ""])[:3]
+        if controllers == "name=systemd":
+            path = cg
+            break
+        if controllers == "" and line.startswith("0::"):
+            path = cg
+    if not path:
+        return None
+    for part in path.strip("/").split("/"):
+        if not part or part.endswith(".slice"):
+            continue
+        if "." in part and part.rsplit(".", 1)[1] in ("service", "scope", "socket", "mount", "swap", "timer"):
+            return part
+        return None
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Principals:
+    """Who a peer is, resolved once at connect."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...]  # supplementary, kernel-verified
+    user: str | None
+    group_names: tuple[str, ...]
+    unit: str | None
+    names: frozenset[str]
+
+    @classmethod
+    def of_peer(cls, uid: int, gid: int, groups: Sequence[int], user: str | None, group_names: Sequence[str],
+                unit: str | None) -> Principals:
+        """A Unix-socket peer, from its credentials and the names looked up for them."""
+        names = {"*", f"uid:{uid}", *(f"group:{g}" for g in group_names)}
+        if user is not None:
+            names.add(f"user:{user}")
+        if unit is not None:
+            names.add(f"unit:{unit}")
+        return cls(uid, gid, tuple(groups), user, tuple(group_names), unit, frozenset(names))
+
+    @classmethod
+    def named(cls, name: str) -> Principals:
+        """A principal without a kernel identity, such as ``zmq:NAME``."""
+        return cls(-1, -1, (), None, (), None, frozenset({"*", name}))
+
+    def describe(self) -> dict[str, object]:
+        return {"uid": self.uid, "user": self.user, "gid": self.gid, "groups": list(self.group_names),
+                "unit": self.unit, "principals": sorted(self.names)}
+
+
+# ---- rules and patterns ----------------------------------------------------------------------------
+
+_KIND = {">": 0, "*": 1}
+
+
+def specificity(pattern: str) -> tuple[int, ...]:
+    """Sort key: higher is more specific (literal 2 > ``*`` 1 > ``>`` 0, from the left)."""
+    return tuple(_KIND.get(t, 2) for t in pattern.split("."))
+
+
+def _first_excludes(wild: str, other: str) -> bool:
+    """A pattern starting with a wildcard never meets a ``$`` or inbox first token."""
+    return wild in ("*", ">") and other not in ("*", ">") and (other.startswith("$") or other == "_INBOX")
+
+
+def overlaps(a: str, b: str) -> bool:
+    """True if some topic matches both patterns."""
+    ta, tb = a.split("."), b.split(".")
+    if _first_excludes(ta[0], tb[0]) or _first_excludes(tb[0], ta[0]):
+        return False
+    for i in range(max(len(ta), len(tb))):
+        x = ta[i] if i < len(ta) else None
+        y = tb[i] if i < len(tb) else None
+        if x == ">" or y == ">":
+            return x is not None and y is not None
+        if x is None or y is None:
+            return False
+        if x != "*" and y not in ("*", x):
+            return False
+    return True
+
+
+def covers(outer: str, inner: str) -> bool:
+    """True if every topic matching ``inner`` matches ``outer``."""
+    to, ti = outer.split("."), inner.split(".")
+    if _first_excludes(to[0], ti[0]):
+        return False
+    for i, o in enumerate(to):
+        if o == ">":
+            return len(ti) > i
+        if i >= len(ti):
+            return False
+        t = ti[i]
+        if t == ">":
+            return False
+        if o == "*":
+            continue
+        if t != o:
+            return False
+    return len(to) == len(ti)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    rule: str  # what decided, for errors and logs: "acl rule 2 (topic 'sensors.>')" or "access.default"
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    index: int
+    pattern: str
+    key: tuple[int, ...]
+    actions: dict[str, tuple[frozenset[str], frozenset[str]]]  # action -> (allowed, refused)
+
+    def decide(self, names: frozenset[str], action: str) -> Decision:
+        allow, refuse = self.actions[action]
+        where = f"acl rule {self.index} (topic {self.pattern!r})"
+        if refuse & names:
+            return Decision(False, f"{where}: {action} refused to {sorted(refuse & names)[0]}")
+        if allow & names:
+            return Decision(True, f"{where}: {action} allowed to {sorted(allow & names)[0]}")
+        return Decision(False, f"{where}: {action} not granted to this peer")
+
+
+class Policy:
+    """The rules of one configuration, and the default."""
+
+    def __init__(self, rules: Iterable[tuple[str, dict[str, list[str] | None]]], default_allow: bool) -> None:
+        self.rules: list[Rule] = []
+        for i, (pattern, acts) in enumerate(rules):
+            parsed: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
+            for action, entries in acts.items():
+                if entries is None:
+                    continue
+                parsed[action] = (frozenset(e for e in entries if not e.startswith("!")),
+                                  frozenset(e[1:] for e in entries if e.startswith("!")))
+            self.rules.append(Rule(i, pattern, specificity(pattern), parsed))
+        self.default_allow = default_allow
+        self.default = Decision(default_allow, f"access.default ({'allow' if default_allow else 'deny'}): "
+                                "no rule names this action for this topic")
+        self.by_action: dict[str, list[Rule]] = {
+            a: sorted((r for r in self.rules if a in r.actions), key=lambda r: r.key, reverse=True) for a in ACTIONS}
+
+    @property
+    def open(self) -> bool:
+        """Everything is allowed to everyone: no check is needed at all."""
+        return self.default_allow and not self.rules
+
+    def decide(self, names: frozenset[str], action: str, topic: str) -> Decision:
+        if topics.is_inbox(topic) and action == "publish":
+            return Decision(True, "a reply to a request's inbox needs no rule")
+        for rule in self.by_action[action]:  # most specific first
+            if topics.matches(rule.pattern, topic):
+                return rule.decide(names, action)
+        return self.default
+
+    def decide_pattern(self, names: frozenset[str], action: str, pattern: str) -> tuple[str, Decision]:
+        """("allow" | "deny" | "filter", the decision for the pattern as a whole).
+
+        "filter": some topics of the pattern are allowed and some are not; each message is
+        decided on its own.
+        """
+        rules = self.by_action[action]
+        base = self.default
+        base_key: tuple[int, ...] = ()
+        for rule in rules:
+            if covers(rule.pattern, pattern):
+                base = rule.decide(names, action)
+                base_key = rule.key
+                break
+        mixed = False
+        for rule in rules:
+            if rule.key <= base_key:
+                break  # sorted most specific first: no later rule can override the base
+            if covers(rule.pattern, pattern) or not overlaps(rule.pattern, pattern):
+                continue
+            if rule.decide(names, action).allowed != base.allowed:
+                mixed = True
+                break
+        if mixed:
+            return "filter", base
+        return ("allow" if base.allowed else "deny"), base
+
+    def access(self, principals: Principals) -> Access | None:
+        """The checker for one peer; None when nothing is ever refused."""
+        return None if self.open else Access(self, principals)
+
+
+class Access:
+    """One peer's view of a policy, with its decisions cached per topic."""
+
+    __slots__ = ("_pub", "_sub", "policy", "principals")
+
+    def __init__(self, policy: Policy, principals: Principals) -> None:
+        self.policy = policy
+        self.principals = principals
+        self._pub: dict[str, Decision] = {}
+        self._sub: dict[str, bool] = {}
+
+    def publish(self, topic: str) -> Decision:
+        d = self._pub.get(topic)
+        if d is None:
+            d = self.policy.decide(self.principals.names, "publish", topic)
+            if len(self._pub) >= DECISION_CACHE:
+                self._pub.clear()
+            self._pub[topic] = d
+        return d
+
+    def may_receive(self, topic: str) -> bool:
+        """For a subscription under a filter: may this message reach it?"""
+        ok = self._sub.get(topic)
+        if ok is None:
+            ok = self.policy.decide(self.principals.names, "subscribe", topic).allowed
+            if len(self._sub) >= DECISION_CACHE:
+                self._sub.clear()
+            self._sub[topic] = ok
+        return ok
+
+    def subscribe(self, pattern: str) -> tuple[str, Decision]:
+        return self.policy.decide_pattern(self.principals.names, "subscribe", pattern)
+
+    def decide(self, action: str, topic: str) -> Decision:
+        return self.policy.decide(self.principals.names, action, topic)
+
