@@ -15,9 +15,11 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	@touch $@
 
-## run: start hostbusd in the foreground with the default configuration (ARGS="..." adds flags)
+## run: start hostbusd in the foreground to try it or develop against (config/run.toml: every local
+## user who can reach the socket may publish and subscribe everything; ARGS="..." adds flags)
+RUN_CONFIG ?= config/run.toml
 run: $(STAMP)
-	$(BIN)/hostbusd $(ARGS)
+	$(BIN)/hostbusd --config $(RUN_CONFIG) $(ARGS)
 
 ## test: ruff, mypy, then the whole pytest suite
 test: lint typecheck pytest
@@ -70,7 +72,7 @@ install-systemd:
 	id -u hostbus >/dev/null 2>&1 || useradd --system --gid hostbus --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin hostbus
 	install -d -m 0755 /etc/hostbus $(PREFIX)/share/doc/hostbus
 	[ -e /etc/hostbus/hostbus.toml ] || install -m 0644 config/hostbus.toml /etc/hostbus/hostbus.toml
-	install -m 0644 docs/operations.md docs/fifo.md docs/protocol.md $(PREFIX)/share/doc/hostbus/
+	install -m 0644 docs/operations.md docs/security.md docs/fifo.md docs/zmq.md docs/protocol.md $(PREFIX)/share/doc/hostbus/
 	install -m 0644 systemd/hostbus.socket systemd/hostbus.service $(UNITDIR)/
 	install -d -m 0755 $(UUNITDIR)
 	install -m 0644 systemd/user/hostbus.socket systemd/user/hostbus.service $(UUNITDIR)/

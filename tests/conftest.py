@@ -211,8 +211,20 @@ def ensure_user(name: str) -> tuple[int, int]:
     return pw.pw_uid, pw.pw_gid
 
 
-def run_as(uid: int, gid: int, fn: Any, timeout: float = 20.0) -> int:
-    """Run ``fn()`` in a forked child with ``uid``/``gid`` (no supplementary groups); its exit code.
+def ensure_group(name: str) -> int:
+    """gid of system group ``name``, creating it (as root) if missing."""
+    import grp
+
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        subprocess.run(["groupadd", "--system", name], check=True)
+        return grp.getgrnam(name).gr_gid
+
+
+def run_as(uid: int, gid: int, fn: Any, timeout: float = 20.0, groups: list[int] | None = None) -> int:
+    """Run ``fn()`` in a forked child with ``uid``/``gid`` and supplementary ``groups`` (default
+    none); its exit code.
 
     The child keeps the modules already imported, so it needs no access to this checkout.
     """
@@ -220,7 +232,7 @@ def run_as(uid: int, gid: int, fn: Any, timeout: float = 20.0) -> int:
     if pid == 0:  # child
         code = 1
         try:
-            os.setgroups([])
+            os.setgroups(groups or [])
             os.setgid(gid)
             os.setuid(uid)
             fn()

@@ -115,8 +115,8 @@ class Broker:
     def reload(self, config: Config) -> list[str]:
         """Apply a new configuration to everything running; returns what could not change live.
 
-        Limits, defaults, retained bounds and log settings take effect at once (for existing
-        connections too). FIFOs are added and removed by the caller through :meth:`add_fifo` and
+        Limits, access rules, defaults, retained bounds and log settings take effect at once (for
+        existing connections and subscriptions too: one the new rules refuse is ended). FIFOs are added and removed by the caller through :meth:`add_fifo` and
         :meth:`remove_fifo`. The runtime and state directories and the socket's modes are fixed
         for the life of the process.
         """

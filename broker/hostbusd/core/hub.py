@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +43,7 @@ class Hub:
         self.system = system
         self.policy = build_policy(config, system)
         self.accounts: dict[int, Account] = {}
+        self.denied: Counter[str] = Counter()  # publish, subscribe, ended (by a reload), connection_limit
         lim = config.limits
         self.router = Router(
             max_subscriptions=lim.max_subscriptions_per_connection,
@@ -95,6 +97,7 @@ class Hub:
                 sub.acl = self.router.subscribe_filter(session, sub.pattern, sub.group)
             except PermissionDeniedError as exc:
                 self.router.unsubscribe(session, sid)
+                self.denied["ended"] += 1
                 self.peer_error("subscription_ended", session, sid=sid, pattern=sub.pattern, reason=str(exc))
                 session.send(wire.encode_err(ErrorCode.PERMISSION_DENIED, sid,
                                              f"subscription ended by new access rules: {exc}", fatal=False))
@@ -110,6 +113,7 @@ class Hub:
         lim = self.config.limits
         acct = self.account(principals.uid)
         if acct.connections >= lim.max_connections_per_uid:
+            self.denied["connection_limit"] += 1
             return (f"uid {principals.uid} already has {acct.connections} connections, the limit "
                     "(limits.max_connections_per_uid)")
         acct.connections += 1
@@ -141,6 +145,8 @@ class Hub:
         """A session finished its handshake; returns its inbox prefix."""
         self.sessions.add(session)
         self.connections_total += 1
+        if session.principals is not None:  # the rules may have been reloaded during the handshake
+            session.access = self.policy.access(session.principals)
         subs = self.config.subscriptions
         return self.router.attach(session, OutboundQueue(subs.policy, subs.max_queued_msgs, subs.max_queued_bytes))
 
@@ -225,6 +231,10 @@ class Hub:
             },
             "queued_bytes": sum(s.queued_bytes for s in self.sessions),
             "peer_errors": self.peer_errors,
+            "access": {"default": "allow" if self.policy.default_allow else "deny", "rules": len(self.policy.rules),
+                       "denied": dict(self.denied)},
+            "uids": {str(uid): {"connections": a.connections, "subscriptions": a.subscriptions,
+                                "queued_bytes": a.queued_bytes} for uid, a in sorted(self.accounts.items())},
             "fifos": {path: entry.describe() for path, entry in self.fifos.items()},
             "zmq": {name: gw.describe() for name, gw in self.gateways.items()},
             "topics": per_topic,

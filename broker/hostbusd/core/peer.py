@@ -124,6 +124,7 @@ class PeerCore:
         if access is not None:
             decision = access.publish(topic)
             if not decision.allowed:
+                self.hub.denied["publish"] += 1
                 self.hub.peer_error("publish_denied", session, topic=topic, rule=decision.rule)
                 session.send(wire.encode_err(ErrorCode.PERMISSION_DENIED, 0,
                                              f"may not publish to {topic!r}: {decision.rule}", fatal=False))
@@ -184,6 +185,8 @@ class PeerCore:
             opts = self._sub_options(obj)
             _, delivered = self.hub.router.subscribe(session, sid, opts)
         except HostbusError as exc:
+            if exc.code == ErrorCode.PERMISSION_DENIED:
+                self.hub.denied["subscribe"] += 1
             self.hub.peer_error("subscribe_refused", session, sid=sid, reason=str(exc))
             session.send(wire.encode_err(exc.code or ErrorCode.INVALID_ARGUMENT, sid, str(exc), fatal=False))
             return 0

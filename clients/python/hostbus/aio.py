@@ -270,6 +270,10 @@ class Bus:
     async def stats(self) -> dict[str, Any]:
         return await self.call("stats")
 
+    async def whoami(self, topic: str | None = None) -> dict[str, Any]:
+        """See :meth:`hostbus.Bus.whoami`."""
+        return await (self.call("whoami", topic=topic) if topic is not None else self.call("whoami"))
+
     async def close(self) -> None:
         """Write what is buffered, then close. Subscriptions end with ClosedError."""
         if self._transport is None:

@@ -32,7 +32,7 @@ def _headers(pairs: list[str]) -> dict[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hostbus",
-        description="Talk to the hostbus broker: publish, subscribe, request, statistics.",
+        description="Talk to the hostbus broker: publish, subscribe, request, statistics, identity.",
         epilog="The socket is --socket, else $HOSTBUS_SOCKET, else this user's instance "
         f"($XDG_RUNTIME_DIR/hostbus/{paths.SOCKET_NAME}) if it exists, else the system instance "
         f"({paths.SYSTEM_RUNTIME_DIR / paths.SOCKET_NAME}). Exit status: 0 success, 1 error, 2 usage.",
@@ -69,7 +69,35 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Connections, subscriptions, messages in/out/dropped, FIFOs (messages, "
                         "skipped or dropped by kind), per-topic counts.")
     st.add_argument("--json", action="store_true", help="print the statistics as JSON")
+
+    w = sub.add_parser("whoami", help="print who the broker sees you as",
+                       description="Print the identity the broker verified for this process (uid, user, groups, "
+                       "systemd unit, the principals access rules name) and, with --topic, whether it may "
+                       "publish, subscribe and manage queues there, with the rule that decides.")
+    w.add_argument("--topic", metavar="TOPIC", help="a topic or pattern to ask about")
+    w.add_argument("--json", action="store_true", help="print the answer as JSON")
     return p
+
+
+def cmd_whoami(args: argparse.Namespace) -> int:
+    with connect(args.socket, name="hostbus-cli") as bus:
+        me = bus.whoami(args.topic)
+    if args.json:
+        print(json.dumps(me, indent=2))
+        return 0
+    ident = me["identity"]
+    groups = ", ".join(ident.get("groups", [])) or "-"
+    print(f"{'uid':<11}{ident['uid']} ({ident.get('user') or 'no user name'})")
+    print(f"{'gid':<11}{ident['gid']}")
+    print(f"{'groups':<11}{groups}")
+    print(f"{'pid':<11}{ident['pid']}")
+    print(f"{'unit':<11}{ident.get('unit') or '-'}")
+    print(f"{'principals':<11}{' '.join(ident.get('principals', []))}")
+    for action, verdict in me.get("access", {}).items():
+        allowed = verdict["allowed"]
+        word = "yes" if allowed is True else "no" if allowed is False else str(allowed)
+        print(f"{action:<11}{word:<12}{verdict['rule']}")
+    return 0
 
 
 def cmd_pub(args: argparse.Namespace) -> int:
@@ -207,8 +235,15 @@ def cmd_stats(args: argparse.Namespace) -> int:
         ("queued bytes", str(st["queued_bytes"])),
         ("peer errors", str(st["peer_errors"])),
     ]
+    access = st.get("access")
+    if access is not None:
+        denied = ", ".join(f"{k} {v}" for k, v in sorted(access["denied"].items())) or "none"
+        rows.append(("access", f"default {access['default']}, {access['rules']} rules, denied: {denied}"))
     for key, value in rows:
         print(f"{key:<15}{value}")
+    for uid, u in st.get("uids", {}).items():
+        print(f"uid {uid:<11}{u['connections']} connections, {u['subscriptions']} subscriptions, "
+              f"{u['queued_bytes']} bytes queued")
     for path, f in st.get("fifos", {}).items():
         problems = f.get("errors") or f.get("dropped") or {}
         detail = ", ".join(f"{k} {v}" for k, v in sorted(problems.items())) or "none"
@@ -235,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_sub(args))
         if args.command == "req":
             return cmd_req(args)
+        if args.command == "whoami":
+            return cmd_whoami(args)
         return cmd_stats(args)
     except HostbusError as exc:
         print(f"hostbus: {exc}", file=sys.stderr)

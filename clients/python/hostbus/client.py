@@ -242,6 +242,13 @@ class Bus:
     def stats(self) -> dict[str, Any]:
         return self.call("stats")
 
+    def whoami(self, topic: str | None = None) -> dict[str, Any]:
+        """The identity the broker verified for this connection and, for ``topic`` (a topic or
+        pattern), whether it may publish, subscribe and manage queues there, and which rule says so:
+        ``{"identity": {...,"principals": [...]}, "access": {"publish": {"allowed": ..., "rule": ...}}}``.
+        """
+        return self.call("whoami", topic=topic) if topic is not None else self.call("whoami")
+
     # ---- I/O --------------------------------------------------------------------------------------
 
     @staticmethod
