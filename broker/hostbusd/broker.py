@@ -116,9 +116,10 @@ class Broker:
         """Apply a new configuration to everything running; returns what could not change live.
 
         Limits, access rules, defaults, retained bounds and log settings take effect at once (for
-        existing connections and subscriptions too: one the new rules refuse is ended). FIFOs are added and removed by the caller through :meth:`add_fifo` and
-        :meth:`remove_fifo`. The runtime and state directories and the socket's modes are fixed
-        for the life of the process.
+        existing connections and subscriptions too: one the new rules refuse is ended). FIFOs are
+        added and removed by the caller through :meth:`add_fifo` and :meth:`remove_fifo`. The
+        runtime and state directories and the socket's modes and group are fixed for the life of
+        the process.
         """
         old = self.hub.config
         needs_restart = [key for key, a, b in (
