@@ -205,3 +205,31 @@ def test_stats_command_shows_the_gateway(gw: Daemon) -> None:
     zmq_pub(xsub, [["z.a", "1"], ["bad"]])
     time.sleep(0.3)
     assert "zmq zmq: in 1, out 0, dropped 0, skipped: frames 1, prefixes 0" in cli(gw, "stats").stdout
+
+
+def test_access_rules_apply_to_the_endpoint_principal(start_daemon: Callable[..., Daemon]) -> None:
+    d = start_daemon({"zmq": {"enabled": True, "name": "gw"}, "access": {"default": "deny"}, "acl": [
+        {"topic": "zmq.>", "publish": ["zmq:gw"], "subscribe": ["*"]},
+        {"topic": "out.>", "publish": ["uid:0"], "subscribe": ["zmq:gw"]},
+        {"topic": "out.secret.>", "subscribe": ["uid:0"]},
+    ]})
+    xsub, xpub = endpoints(d)
+    zsub = ZSub(xpub, [""], 99)  # everything: the rules decide what it gets
+    with d.connect() as bus:
+        for _ in range(200):
+            if bus.stats()["zmq"]["gw"]["patterns"]:
+                break
+            time.sleep(0.02)
+        sub = bus.subscribe(">")  # root may see zmq.> and out.secret.>, nothing else
+        for t in ("out.a", "out.secret.b", "out.c"):
+            bus.publish(t, t)
+        bus.flush()
+        assert [frames[0] for frames in zsub.result()] == ["out.a", "out.c"]  # not out.secret.b
+        assert [m.topic for m in drain(sub, 0.5)] == ["out.secret.b"]
+        zmq_pub(xsub, [["other.x", "refused: no rule lets zmq:gw publish it"], ["zmq.ok", "allowed"]])
+        assert [(m.topic, m.sender.origin) for m in drain(sub, 1)] == [("zmq.ok", "zmq:gw")]
+        st = bus.stats()
+        assert st["zmq"]["gw"]["errors"] == {"denied": 1}
+        assert bus.whoami("zmq.x")["access"]["publish"]["allowed"] is False  # the rule is for zmq:gw only
+    line = next(json.loads(x) for x in d.log().splitlines() if '"zmq_bad_input"' in x)
+    assert line["fault"] == "denied" and "other.x" in line["error"] and "access.default (deny)" in line["error"]
