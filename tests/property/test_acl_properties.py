@@ -7,10 +7,12 @@
 3. ``Policy.decide_pattern`` is sound: "allow" means every topic of the pattern is allowed,
    "deny" that none is ("filter" may be conservative).
 
-Patterns are drawn over {a, b, c, $x, *, >} with at most 4 tokens. Topics are enumerated over
-{a, b, c, $x} plus a fresh token ``z`` (something a wildcard matches that no literal names), with
-up to 5 tokens: a topic one token longer than a pattern is what tells ``*.*.*.*`` from
-``a.b.c.>``, so that is the longest witness any question about these patterns can need.
+Patterns are drawn over {a, b, c, $x, *, >} with at most 4 tokens (rule patterns over {a, b, $x,
+*, >} with at most 3, so that the rules of a set meet often). Topics are enumerated over {a, b,
+c, $x} plus a fresh token ``z`` (something a wildcard matches that no literal names), with up to
+5 tokens: a topic one token longer than a pattern is what tells ``*.*.*.*`` from ``a.b.c.>``, so
+that is the longest witness any question about these patterns can need. ``_INBOX`` first tokens
+are checked exhaustively on a smaller alphabet.
 """
 
 from __future__ import annotations
@@ -106,25 +108,50 @@ peers = st.sets(st.sampled_from(PEER_NAMES)).map(lambda s: frozenset({"*", *s}))
 # ---- (1) covers and overlaps -----------------------------------------------------------------------
 
 
-@given(outer=patterns(), inner=patterns())
-def test_covers_is_exact(outer: str, inner: str) -> None:
-    inner_topics = topics_of(inner)
-    assert inner_topics  # every pattern matches something: otherwise "covers" would be vacuous
-    outside = sorted(inner_topics - topics_of(outer))
-    if covers(outer, inner):
-        assert not outside, f"covers({outer!r}, {inner!r}) but {outside[0]!r} matches only the inner pattern"
-    else:
-        assert outside, f"not covers({outer!r}, {inner!r}) yet every topic of {inner!r} matches {outer!r}"
+@st.composite
+def neighbours(draw: st.DrawFn, pattern: str) -> str:
+    """A pattern like ``pattern`` with a few tokens changed, added or dropped: random pairs of
+    patterns rarely differ in just the one place that matters (``a.*`` against ``a.>``)."""
+    toks = pattern.split(".")
+    for _ in range(draw(st.integers(1, 2))):
+        i = draw(st.integers(0, len(toks) - 1))
+        change = draw(st.sampled_from(("token", "more", "less")))
+        if change == "token":
+            toks[i] = draw(st.sampled_from((*TOKENS, "*", ">")))
+        elif change == "more" and len(toks) < MAX_PATTERN_TOKENS:
+            toks.insert(i, draw(st.sampled_from((*TOKENS, "*"))))
+        elif change == "less" and len(toks) > 1:
+            del toks[i]
+        toks = [t for k, t in enumerate(toks) if t != ">" or k == len(toks) - 1]  # '>' only last
+    return ".".join(toks)
 
 
-@given(a=patterns(), b=patterns())
-def test_overlaps_is_exact(a: str, b: str) -> None:
-    common = sorted(topics_of(a) & topics_of(b))
-    assert overlaps(a, b) is overlaps(b, a)
-    if overlaps(a, b):
-        assert common, f"overlaps({a!r}, {b!r}) but no topic matches both"
-    else:
-        assert not common, f"not overlaps({a!r}, {b!r}) yet {common[0]!r} matches both"
+# Several patterns at a time, every ordered pair checked: the checks are cheap set operations.
+pattern_groups = patterns().flatmap(lambda p: st.lists(st.just(p) | neighbours(p) | patterns(), min_size=2,
+                                                       max_size=6))
+
+
+@given(group=pattern_groups)
+def test_covers_is_exact(group: list[str]) -> None:
+    for outer, inner in itertools.product(group, repeat=2):
+        inner_topics = topics_of(inner)
+        assert inner_topics  # every pattern matches something: otherwise "covers" would be vacuous
+        outside = sorted(inner_topics - topics_of(outer))
+        if covers(outer, inner):
+            assert not outside, f"covers({outer!r}, {inner!r}) but {outside[0]!r} matches only the inner pattern"
+        else:
+            assert outside, f"not covers({outer!r}, {inner!r}) yet every topic of {inner!r} matches {outer!r}"
+
+
+@given(group=pattern_groups)
+def test_overlaps_is_exact(group: list[str]) -> None:
+    for a, b in itertools.product(group, repeat=2):
+        common = sorted(topics_of(a) & topics_of(b))
+        assert overlaps(a, b) is overlaps(b, a)
+        if overlaps(a, b):
+            assert common, f"overlaps({a!r}, {b!r}) but no topic matches both"
+        else:
+            assert not common, f"not overlaps({a!r}, {b!r}) yet {common[0]!r} matches both"
 
 
 @given(p=patterns())
@@ -133,32 +160,39 @@ def test_a_pattern_covers_and_overlaps_itself(p: str) -> None:
     assert overlaps(p, p)
 
 
-# A one-token topic "_INBOX" is no inbox (those start with "_INBOX."), so wildcards match it, but
-# covers/overlaps treat a first token "_INBOX" like the "_INBOX." prefix. Unreachable through the
-# broker today (config rejects "_INBOX" rule patterns, the router "_INBOX" subscriptions), but the
-# functions disagree with their definition.
-INBOX_BUG = "BUG: covers/overlaps exclude a one-token '_INBOX' pattern from wildcards, which matches() does not"
+# Exhaustively, on a tiny alphabet with "_INBOX": a one-token topic "_INBOX" is no inbox (those
+# start with "_INBOX."), so wildcards match it, while "_INBOX.x" is matched by no wildcard-first pattern.
+INBOX_ALPHABET = ("_INBOX", "$x", "a")
+INBOX_PATTERNS = tuple(
+    ".".join((*t, *tail))
+    for n in range(1, 4) for t in itertools.product((*INBOX_ALPHABET, "*"), repeat=n) for tail in ((), (">",))
+    if len(t) + len(tail) <= 3
+)
+INBOX_TOPICS_ALL = tuple(
+    ".".join(t) for n in range(1, 5) for t in itertools.product((*INBOX_ALPHABET, FRESH), repeat=n))
 
 
-@pytest.mark.xfail(reason=INBOX_BUG)
-@pytest.mark.parametrize(("a", "b"), [("*", "_INBOX"), (">", "_INBOX")])
-def test_one_token_inbox_pattern_overlaps_wildcards(a: str, b: str) -> None:
-    assert topics.matches(a, "_INBOX")
-    assert topics.matches(b, "_INBOX")
-    assert overlaps(a, b)
+def test_covers_and_overlaps_are_exact_with_inbox_tokens() -> None:
+    matching = {p: frozenset(t for t in INBOX_TOPICS_ALL if topics.matches(p, t)) for p in INBOX_PATTERNS}
+    for a, b in itertools.product(INBOX_PATTERNS, repeat=2):
+        assert covers(a, b) is (matching[b] <= matching[a]), (a, b)
+        assert overlaps(a, b) is bool(matching[a] & matching[b]), (a, b)
 
 
-@pytest.mark.xfail(reason=INBOX_BUG)
-@pytest.mark.parametrize("outer", ["*", ">"])
-def test_one_token_inbox_pattern_is_covered_by_wildcards(outer: str) -> None:
-    assert covers(outer, "_INBOX")
+@pytest.mark.parametrize("wild", ["*", ">"])
+def test_one_token_inbox_pattern_meets_wildcards(wild: str) -> None:
+    assert topics.matches(wild, "_INBOX")
+    assert overlaps(wild, "_INBOX")
+    assert overlaps("_INBOX", wild)
+    assert covers(wild, "_INBOX")
+    assert not overlaps(wild, "_INBOX.>")
+    assert not covers(wild, "_INBOX.a")
 
 
-@pytest.mark.xfail(reason=INBOX_BUG)
 def test_decide_pattern_sound_for_one_token_inbox_pattern() -> None:
     p = Policy([(">", {"subscribe": []})], True)
     assert not p.decide(frozenset({"*"}), "subscribe", "_INBOX").allowed
-    assert p.decide_pattern(frozenset({"*"}), "subscribe", "_INBOX")[0] != "allow"
+    assert p.decide_pattern(frozenset({"*"}), "subscribe", "_INBOX")[0] == "deny"
 
 
 # ---- (2) decide against a brute-force reading of the rule ------------------------------------------
@@ -184,7 +218,12 @@ def reference_decide(rules: Rules, default: bool, names: frozenset[str], action:
                   if acts.get(action) is not None and topics.matches(pattern, topic)]
     if not candidates:
         return default, None
-    best = max(candidates, key=functools.cmp_to_key(lambda c, d: more_specific(c[1], d[1])))
+    Candidate = tuple[int, str, list[str] | None]
+
+    def order(c: Candidate, d: Candidate) -> int:
+        return more_specific(c[1], d[1])
+
+    best = max(candidates, key=functools.cmp_to_key(order))
     # "exactly one is the most specific"
     assert all(more_specific(best[1], c[1]) > 0 for c in candidates if c is not best), (topic, candidates)
     index, _, entries = best

@@ -54,8 +54,8 @@ def principal_problem(entry: str) -> str | None:
         return "must be '*', uid:N, user:NAME, group:NAME, unit:NAME or zmq:NAME (prefix '!' to refuse)"
     if not value or any(c.isspace() for c in value):
         return "needs a name without spaces after the ':'"
-    if kind == "uid" and not value.isdigit():
-        return "uid: takes a number"
+    if kind == "uid" and not (value.isascii() and value.isdigit() and str(int(value)) == value):
+        return "uid: takes a number, written without leading zeros"
     return None
 
 
@@ -129,15 +129,17 @@ def specificity(pattern: str) -> tuple[int, ...]:
     return tuple(_KIND.get(t, 2) for t in pattern.split("."))
 
 
-def _first_excludes(wild: str, other: str) -> bool:
-    """A pattern starting with a wildcard never meets a ``$`` or inbox first token."""
-    return wild in ("*", ">") and other not in ("*", ">") and (other.startswith("$") or other == "_INBOX")
+def _first_excludes(wild: list[str], other: list[str]) -> bool:
+    """A pattern starting with a wildcard never matches ``$`` topics, nor inbox topics (``_INBOX.…``)."""
+    first = other[0]
+    return wild[0] in ("*", ">") and first not in ("*", ">") and (
+        first.startswith("$") or (first == "_INBOX" and len(other) > 1))
 
 
 def overlaps(a: str, b: str) -> bool:
     """True if some topic matches both patterns."""
     ta, tb = a.split("."), b.split(".")
-    if _first_excludes(ta[0], tb[0]) or _first_excludes(tb[0], ta[0]):
+    if _first_excludes(ta, tb) or _first_excludes(tb, ta):
         return False
     for i in range(max(len(ta), len(tb))):
         x = ta[i] if i < len(ta) else None
@@ -154,7 +156,7 @@ def overlaps(a: str, b: str) -> bool:
 def covers(outer: str, inner: str) -> bool:
     """True if every topic matching ``inner`` matches ``outer``."""
     to, ti = outer.split("."), inner.split(".")
-    if _first_excludes(to[0], ti[0]):
+    if _first_excludes(to, ti):
         return False
     for i, o in enumerate(to):
         if o == ">":
@@ -229,8 +231,10 @@ class Policy:
     def decide_pattern(self, names: frozenset[str], action: str, pattern: str) -> tuple[str, Decision]:
         """("allow" | "deny" | "filter", the decision for the pattern as a whole).
 
-        "filter": some topics of the pattern are allowed and some are not; each message is
-        decided on its own.
+        "filter": the rules may decide topics of the pattern differently (a more specific rule
+        that overlaps it disagrees with the one that covers it); each message is then decided on
+        its own. The test is conservative: "filter" may be returned where every topic turns out
+        to get the same answer, never "allow" or "deny" where they do not.
         """
         rules = self.by_action[action]
         base = self.default
