@@ -42,7 +42,7 @@ pytest: $(STAMP) test-tools
 
 ## bench: the benchmarks (not part of `make test`): socket 1 -> 1, FIFO ingress, ZeroMQ gateway
 bench: $(STAMP)
-	$(BIN)/python bench/pubsub_1to1.py
+	$(BIN)/python bench/pubsub_1to1.py --acl
 	$(BIN)/python bench/fifo_publish.py
 	$(BIN)/python bench/zmq_gateway.py
 

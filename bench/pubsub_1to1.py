@@ -5,7 +5,11 @@ their own process using the sync client. The rate is measured at the subscriber,
 to its last message. Prints a table of the median with min-max over the repeats, and the
 losses (the broker's drop count and the client's), which must be 0 for a run to count.
 
-    .venv/bin/python bench/pubsub_1to1.py [--count N] [--size B] [--repeats R] [--json]
+    .venv/bin/python bench/pubsub_1to1.py [--count N] [--size B] [--repeats R] [--acl] [--json]
+
+``--acl`` adds a row with access rules in force: 20 rules and a default of deny; every publish is
+checked, and the subscriber's ``bench.>`` is decided per message (a more specific rule refuses
+``bench.secret.>``), so both checks of the hot path are measured.
 """
 
 from __future__ import annotations
@@ -31,14 +35,27 @@ import hostbus
 CONFIG = """
 [limits]
 max_queued_bytes_per_connection = 536870912
+max_queued_bytes_per_uid = 536870912
 [subscriptions]
 max_queued_msgs = 100000000
 max_queued_bytes = 536870912
 """
 
 
-def start_daemon(workdir: Path) -> tuple[subprocess.Popen[bytes], Path]:
-    (workdir / "hostbus.toml").write_text(CONFIG)
+ACL = "[access]\ndefault = \"deny\"\n" + "".join(
+    f"[[acl]]\ntopic = \"other{i}.>\"\npublish = [\"uid:12345\"]\nsubscribe = [\"group:nobody\"]\n" for i in range(18)
+) + """[[acl]]
+topic = "bench.>"
+publish = ["*"]
+subscribe = ["*"]
+[[acl]]
+topic = "bench.secret.>"
+subscribe = []
+"""
+
+
+def start_daemon(workdir: Path, acl: bool = False) -> tuple[subprocess.Popen[bytes], Path]:
+    (workdir / "hostbus.toml").write_text(CONFIG + (ACL if acl else ""))
     sock = workdir / "run" / "hostbus.sock"
     proc = subprocess.Popen(
         [sys.executable, "-m", "hostbusd", "--config", str(workdir / "hostbus.toml"), "--runtime-dir",
@@ -101,13 +118,13 @@ def peak_rss_kb(pid: int) -> int:
     return 0
 
 
-def one_run(count: int, size: int) -> dict[str, Any]:
+def one_run(count: int, size: int, acl: bool = False) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="hb-bench-"))
-    proc, sock = start_daemon(workdir)
+    proc, sock = start_daemon(workdir, acl)
     try:
         ctx = mp.get_context("spawn")
         ready, subq, pubq = ctx.Event(), ctx.Queue(), ctx.Queue()
-        sp = ctx.Process(target=subscriber, args=(str(sock), count, ready, subq))
+        sp = ctx.Process(target=subscriber, args=(str(sock), count, ready, subq, "bench.>" if acl else "bench.s1"))
         sp.start()
         if not ready.wait(30):
             raise RuntimeError("subscriber did not subscribe")
@@ -139,21 +156,28 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", action="store_true", help="print the runs as JSON too")
+    ap.add_argument("--acl", action="store_true", help="add a row with access rules in force")
     args = ap.parse_args()
-    runs = [one_run(args.count, args.size) for _ in range(args.repeats)]
-    rates = [r["msgs_per_s"] for r in runs]
+    variants = [("hostbus (Unix socket, sync client)", False)]
+    if args.acl:
+        variants.append(("hostbus, 20 access rules (publish checked, bench.> filtered per message)", True))
+    results = {name: [one_run(args.count, args.size, acl) for _ in range(args.repeats)] for name, acl in variants}
     print(f"# hostbus S1: {args.size}-byte messages, 1 publisher -> 1 subscriber, {args.count:,} messages, "
           f"{args.repeats} runs")
     print(f"# {platform.node()} {platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}, "
           f"{platform.system()} {platform.release()}")
     print("| system | received msg/s (median) | min - max | publish msg/s (median) | losses | broker peak RSS MiB |")
     print("|---|---|---|---|---|---|")
-    losses = sum(r["client_missed"] + r["broker_dropped"] for r in runs)
-    print(f"| hostbus (Unix socket, sync client) | {statistics.median(rates):,.0f} | {min(rates):,.0f} - "
-          f"{max(rates):,.0f} | {statistics.median(r['publish_msgs_per_s'] for r in runs):,.0f} | {losses} | "
-          f"{max(r['broker_peak_rss_mib'] for r in runs):.0f} |")
+    losses = 0
+    for name, runs in results.items():
+        rates = [r["msgs_per_s"] for r in runs]
+        lost = sum(r["client_missed"] + r["broker_dropped"] for r in runs)
+        losses += lost
+        print(f"| {name} | {statistics.median(rates):,.0f} | {min(rates):,.0f} - "
+              f"{max(rates):,.0f} | {statistics.median(r['publish_msgs_per_s'] for r in runs):,.0f} | {lost} | "
+              f"{max(r['broker_peak_rss_mib'] for r in runs):.0f} |")
     if args.json:
-        print(json.dumps(runs, indent=2))
+        print(json.dumps(results, indent=2))
     return 0 if losses == 0 else 1
 
 

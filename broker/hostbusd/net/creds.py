@@ -8,6 +8,7 @@ database, and the systemd unit from ``/proc/PID/cgroup`` read right after accept
 from __future__ import annotations
 
 import errno
+import functools
 import grp
 import pwd
 import socket
@@ -41,6 +42,7 @@ def peer_groups(sock: socket.socket) -> tuple[int, ...]:
     return ()
 
 
+@functools.lru_cache(maxsize=4096)  # the user database may be remote (NSS): once per uid until a reload
 def _user_name(uid: int) -> str | None:
     try:
         return pwd.getpwuid(uid).pw_name
@@ -48,11 +50,18 @@ def _user_name(uid: int) -> str | None:
         return None
 
 
+@functools.lru_cache(maxsize=4096)
 def _group_name(gid: int) -> str | None:
     try:
         return grp.getgrgid(gid).gr_name
     except KeyError:
         return None
+
+
+def forget_names() -> None:
+    """Look user and group names up again (a reload: the user database may have changed)."""
+    _user_name.cache_clear()
+    _group_name.cache_clear()
 
 
 def unit_of_pid(pid: int) -> str | None:
