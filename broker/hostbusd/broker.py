@@ -18,7 +18,6 @@ from hostbus.errors import ErrorCode, HostbusError
 from hostbusd.config import Config, FifoSinkConfig
 from hostbusd.core.hub import Hub, PeerErrorSink
 from hostbusd.core.peer import State
-from hostbusd.net.creds import forget_names
 from hostbusd.net.fifo import FifoIngress, FifoSink, OpenedFifo
 from hostbusd.net.unix import UnixPeer
 from hostbusd.net.zmq_gateway import ZmqGateway
@@ -129,7 +128,6 @@ class Broker:
             ("socket", old.socket, config.socket),
             ("zmq", old.zmq, config.zmq),
         ) if a != b]
-        forget_names()  # connections opened from now on see renamed users and groups
         self.hub.apply_config(config)
         for peer in self.peers:
             if peer.core is not None and peer.core.state is State.OPEN:

@@ -135,6 +135,12 @@ class RetainedConfig(_Section):
         "past it a retained publish is delivered but not stored, and the publisher gets a LIMIT error.",
     )
     max_bytes: int = Field(64 * MiB, ge=0, description="Total bytes of retained messages.")
+    max_topics_per_uid: int = Field(
+        2500, ge=0,
+        description="Retained topics the publishers of one uid may hold (a topic belongs to the uid that "
+        "retained its current message): a quarter of max_topics, so one user cannot fill the store for the others.",
+    )
+    max_bytes_per_uid: int = Field(16 * MiB, ge=0, description="Retained bytes the publishers of one uid may hold.")
 
 
 class FifoIngressConfig(_Section):
@@ -259,9 +265,10 @@ def _check_principals(entries: list[str] | None) -> list[str] | None:
 
 class AccessConfig(_Section):
     default: Literal["allow", "deny"] | None = Field(
-        None, description="What happens when no [[acl]] rule names an action for a topic. Default: deny for the "
-        "system instance (runtime directory /run/hostbus), allow for a user instance (only its owner can "
-        "connect to it).",
+        None, description="What happens when no [[acl]] rule names an action for a topic. Default: deny when users "
+        "other than the daemon's can reach the socket (the system instance, or any instance whose runtime "
+        "directory and socket modes let a group or others in), allow when only the daemon's own user can "
+        "(a user instance).",
     )
 
 

@@ -22,6 +22,7 @@ from hostbusd import __version__, logs, systemd
 from hostbusd.broker import Broker
 from hostbusd.config import Config, ConfigError, FifoIngressConfig, FifoSinkConfig, json_schema, load
 from hostbusd.errors import StartupError
+from hostbusd.net.creds import unknown_names
 from hostbusd.net.fifo import DEFAULT_FIFO, OpenedFifo, open_ingress, prepare_fifo
 from hostbusd.net.zmq_gateway import check_endpoint
 from hostbusd.ownership import lookup_gid
@@ -73,7 +74,7 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def prepare_dir(path: Path, mode: int, gid: int = -1) -> bool:
+def prepare_dir(path: Path, mode: int, gid: int = -1, group: str = "") -> bool:
     """Create ``path`` with ``mode`` (and group ``gid``) if missing (True if created); refuse one
     others could tamper with, or one whose group is not ``gid``.
 
@@ -83,18 +84,24 @@ def prepare_dir(path: Path, mode: int, gid: int = -1) -> bool:
     uid = os.getuid()
     created = False
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             os.mkdir(path, 0o700)
             created = True
-            if gid != -1:
-                os.chown(path, -1, gid)
-            os.chmod(path, mode)  # the umask may have narrowed it; nothing is inside yet
         except FileExistsError:
             pass
         except OSError as exc:
-            raise StartupError(f"cannot set the group of {path}: {exc.strerror} (the daemon's user must be a "
-                               "member of socket.group)") from None
+            raise StartupError(f"cannot create {path}: {exc.strerror}") from None
+        if created:
+            try:
+                if gid != -1:
+                    os.chown(path, -1, gid)
+                os.chmod(path, mode)  # the umask may have narrowed it; nothing is inside yet
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    os.rmdir(path)  # not left half-made: the next start would refuse its group
+                raise StartupError(f"cannot give {path} the group socket.group = {group!r}: {exc.strerror} (the "
+                                   "daemon's user must be a member of that group)") from None
     st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode):
         raise StartupError(f"{path} exists and is not a directory (a symlink is refused too)")
@@ -110,11 +117,12 @@ def prepare_dir(path: Path, mode: int, gid: int = -1) -> bool:
     return created
 
 
-def bind_socket(path: Path, mode: int, gid: int = -1) -> socket.socket:
+def bind_socket(path: Path, mode: int, gid: int = -1, group: str = "") -> socket.socket:
     """Bind a listening socket at ``path`` with ``mode`` (and group ``gid``), replacing a stale one.
 
     With a group, the socket is bound owner-only under a temporary name, given its group and
-    mode, and renamed into place: at its path it has its final group and mode from the start.
+    mode, and linked into place (which, like bind, fails if something took the path meanwhile):
+    at its path it has its final group and mode from the start.
     """
     try:
         st = os.lstat(path)
@@ -139,23 +147,53 @@ def bind_socket(path: Path, mode: int, gid: int = -1) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     where = path if gid == -1 else path.with_name(f".{path.name}.{os.getpid()}.new")
     old = os.umask(0o777 & ~mode if gid == -1 else 0o177)  # born with its mode (or owner-only): no window
+    step = "bind"
     try:
         sock.bind(str(where))
         if gid != -1:
+            step = "group"
             os.chown(where, -1, gid)
             os.chmod(where, mode)
-            os.rename(where, path)
+            step = "link"
+            os.link(where, path)
     except OSError as exc:
         sock.close()
-        with contextlib.suppress(OSError):
-            if where != path:
-                os.unlink(where)
-        raise StartupError(f"cannot bind {path}: {exc.strerror}") from None
+        if step == "group":
+            message = (f"cannot give {path} the group socket.group = {group!r}: {exc.strerror} (the daemon's "
+                       "user must be a member of that group)")
+        elif step == "link" and exc.errno == errno.EEXIST:
+            message = f"{path} appeared while this daemon was binding it: another hostbusd is starting there"
+        else:
+            message = f"cannot bind {path}: {exc.strerror}"
+        raise StartupError(message) from None
     finally:
         os.umask(old)
+        if where != path:
+            with contextlib.suppress(OSError):
+                os.unlink(where)
     sock.listen(socket.SOMAXCONN)
     sock.setblocking(False)
     return sock
+
+
+def warn_unknown_names(config: Config, log: Any) -> None:
+    """Say which rule entries name a user or group this host does not have (they match nobody)."""
+    entries = [e for rule in config.acl for lst in (rule.publish, rule.subscribe, rule.manage) for e in lst or ()]
+    unknown = unknown_names(entries)
+    if unknown:
+        log.warning("acl_unknown_names", entries=sorted(set(unknown)),
+                    detail="no such user or group on this host: these entries match nobody")
+
+
+def reachable_by_others(runtime_dir: Path, sock_path: Path) -> bool:
+    """True if users other than the daemon's may connect (a shared instance, like the system one):
+    the directory lets its group or others in and the socket lets the same class write."""
+    try:
+        d = os.stat(runtime_dir).st_mode
+        s = os.stat(sock_path).st_mode
+    except OSError:
+        return True  # cannot tell: assume shared (access.default then denies)
+    return bool((d & 0o010 and s & 0o020) or (d & 0o001 and s & 0o002))
 
 
 def ensure_fd_limit(max_connections: int, log: Any) -> None:
@@ -390,6 +428,7 @@ class Runtime:
         self.config = config
         peer_log.interval = config.log.peer_error_interval
         self.log.info("reloaded", fifos=[str(p) for p in plan], needs_restart=needs_restart)
+        warn_unknown_names(config, self.log)
         logs.configure(config.log.format, config.log.level, journal=systemd.stderr_is_journal(os.environ))
         self.log = logs.get_logger()
         for path in changed:
@@ -431,7 +470,7 @@ async def serve(rt: Runtime, listeners: list[socket.socket], fifos: list[OpenedF
     loop.set_exception_handler(internal_error)
     broker = Broker(rt.config, listeners, fifos, on_peer_error=peer_log.warning,
                     zmq_endpoints=rt.zmq_endpoints, zmq_mode=rt.config.zmq.mode,
-                    system=rt.runtime_dir == paths.SYSTEM_RUNTIME_DIR)
+                    system=reachable_by_others(rt.runtime_dir, rt.sock_path))
     rt.fifo_fds.clear()  # the broker owns them now
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -443,6 +482,7 @@ async def serve(rt: Runtime, listeners: list[socket.socket], fifos: list[OpenedF
         loop.call_soon(rt.reload, broker, peer_log)
     notifier = rt.notifier
     notifier.send(READY=1, STATUS=status_line(broker))
+    warn_unknown_names(rt.config, rt.log)
     rt.log.info("started", socket=str(rt.sock_path), fifos=[str(p) for p in rt.fifo_specs], pid=os.getpid(),
                 version=__version__, socket_activated=rt.sock_path not in {p for p, _ in rt.owned})
 
@@ -493,10 +533,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             listeners = rt.adopt(systemd.listen_fds(os.environ))
             gid = lookup_gid(config.socket.group, "socket.group") if config.socket.group else -1
-            rt.created_runtime_dir = prepare_dir(rt.runtime_dir, dir_mode, gid)
+            group = config.socket.group or ""
+            rt.created_runtime_dir = prepare_dir(rt.runtime_dir, dir_mode, gid, group)
             prepare_dir(rt.state_dir, 0o700)
             if not listeners:
-                listeners = [bind_socket(rt.sock_path, sock_mode, gid)]
+                listeners = [bind_socket(rt.sock_path, sock_mode, gid, group)]
                 rt.owned.append((rt.sock_path, os.stat(rt.sock_path).st_ino))
             fifos = rt.open_fifos()
             rt.plan_zmq()

@@ -494,7 +494,9 @@ def test_queued_bytes_are_bounded_per_uid(start_daemon: Callable[..., Daemon], w
         assert got == n  # the reading subscriber lost nothing
         st = reader.stats()
         bob = st["uids"][str(people.bob[0])]
-        assert 0 < bob["queued_bytes"] <= 65536
+        # What the broker holds for bob's uid: queued, plus written to transports that do not send
+        # it; the bound is checked before each message, so it is passed by at most one.
+        assert 0 < bob["queued_bytes"] + bob["written_bytes"] <= 65536 + 1024 + 100
         assert st["messages"]["dropped"] > 0  # bob's overflow was dropped, and counted
 
 

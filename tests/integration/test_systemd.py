@@ -274,7 +274,7 @@ def test_a_passed_fifo_stays_systemds_through_reloads(workdir: Path) -> None:
     fifo_path.chmod(0o660)
     held = os.open(fifo_path, os.O_RDWR | os.O_NONBLOCK)  # what systemd keeps
     config = workdir / "c.toml"
-    config.write_text(toml_dump({"fifo": {"default_ingress": False,
+    config.write_text(toml_dump({"access": {"default": "allow"}, "fifo": {"default_ingress": False,
                                           "ingress": [{"path": "publish.fifo", "format": "lines"}]}}))
     proc = launch([held], "hostbus", ["--config", str(config), "--runtime-dir", str(run), "--state-dir",
                                       str(workdir / "st"), "--log-format", "json"], dict(os.environ), workdir / "log")
@@ -283,7 +283,7 @@ def test_a_passed_fifo_stays_systemds_through_reloads(workdir: Path) -> None:
             if (run / "hostbus.sock").exists():
                 break
             time.sleep(0.02)
-        config.write_text(toml_dump({"fifo": {"default_ingress": False,
+        config.write_text(toml_dump({"access": {"default": "allow"}, "fifo": {"default_ingress": False,
                                               "ingress": [{"path": "publish.fifo", "format": "json"}]}}))
         proc.send_signal(signal.SIGHUP)
         for _ in range(300):

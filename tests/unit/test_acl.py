@@ -55,7 +55,7 @@ def test_names_of_a_unix_peer() -> None:
     assert ALICE.names == frozenset({"*", "uid:1000", "user:alice", "group:alice", "group:sudo", "unit:app.service"})
     assert ALICE.describe() == {"uid": 1000, "user": "alice", "gid": 1000, "groups": ["alice", "sudo"],
                                 "unit": "app.service",
-                                "principals": sorted(ALICE.names)}
+                                "principals": sorted(ALICE.names), "unknown": []}
 
 
 def test_names_without_user_group_names_or_unit() -> None:
@@ -532,9 +532,12 @@ def test_access_caches_decisions() -> None:
     assert access is not None
     first = access.publish("sensors.a")
     assert first.allowed
-    assert access.publish("sensors.a") is first  # the remembered decision
-    assert access.publish("sensors.a") == p.decide(ALICE.names, "publish", "sensors.a")
-    assert not access.publish("other").allowed
+    assert access.publish("sensors.a") is first  # remembered (as a bool: one shared "allowed" decision)
+    assert access._pub == {"sensors.a": True}
+    refused = access.publish("other")
+    assert refused == p.decide(ALICE.names, "publish", "other")  # a refusal keeps its words
+    assert not refused.allowed and access._pub["other"] is False
+    assert p.access(ALICE) is access  # shared by the peers with the same principals
     assert access.publish("_INBOX.x.1").allowed
     assert access.may_receive("sensors.a")
     assert access.may_receive("sensors.a")

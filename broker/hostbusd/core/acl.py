@@ -36,8 +36,12 @@ from hostbus import topics
 Action = Literal["publish", "subscribe", "manage"]
 ACTIONS: tuple[Action, ...] = ("publish", "subscribe", "manage")
 
-#: Topics whose decision an :class:`Access` remembers per action before it starts over.
-DECISION_CACHE = 65536
+#: Topics whose decision an :class:`Access` remembers per action before it starts over. Small:
+#: one Access is shared by every connection with the same principals, and each entry is a
+#: reference to a topic string the router already holds and a bool.
+DECISION_CACHE = 1024
+#: Distinct principal sets whose :class:`Access` a policy keeps for sharing.
+ACCESS_CACHE = 4096
 
 
 
@@ -97,17 +101,20 @@ class Principals:
     group_names: tuple[str, ...]
     unit: str | None
     names: frozenset[str]
+    unknown: frozenset[str] = frozenset()  # kinds that could not be found out: "user", "group", "unit"
 
     @classmethod
     def of_peer(cls, uid: int, gid: int, groups: Sequence[int], user: str | None, group_names: Sequence[str],
-                unit: str | None) -> Principals:
+                unit: str | None, unknown: frozenset[str] = frozenset()) -> Principals:
         """A Unix-socket peer, from its credentials and the names looked up for them."""
         names = {"*", f"uid:{uid}", *(f"group:{g}" for g in group_names)}
         if user is not None:
             names.add(f"user:{user}")
         if unit is not None:
             names.add(f"unit:{unit}")
-        return cls(uid, gid, tuple(groups), user, tuple(group_names), unit, frozenset(names))
+        if unknown:  # "?" and "?KIND": what Rule.decide needs to refuse by an unknown kind of name
+            names |= {"?", *(f"?{kind}" for kind in unknown)}
+        return cls(uid, gid, tuple(groups), user, tuple(group_names), unit, frozenset(names), unknown)
 
     @classmethod
     def named(cls, name: str) -> Principals:
@@ -116,7 +123,8 @@ class Principals:
 
     def describe(self) -> dict[str, object]:
         return {"uid": self.uid, "user": self.user, "gid": self.gid, "groups": list(self.group_names),
-                "unit": self.unit, "principals": sorted(self.names)}
+                "unit": self.unit, "principals": sorted(n for n in self.names if not n.startswith("?")),
+                "unknown": sorted(self.unknown)}
 
 
 # ---- rules and patterns ----------------------------------------------------------------------------
@@ -188,9 +196,14 @@ class Rule:
 
     def decide(self, names: frozenset[str], action: str) -> Decision:
         allow, refuse = self.actions[action]
-        where = f"acl rule {self.index} (topic {self.pattern!r})"
+        where = f"acl rule {self.index} (topic {topics.show(self.pattern)})"
         if refuse & names:
             return Decision(False, f"{where}: {action} refused to {sorted(refuse & names)[0]}")
+        if refuse and "?" in names:  # fail closed: a refusal by a kind of name the peer's is unknown
+            for entry in sorted(refuse):
+                if f"?{entry.partition(':')[0]}" in names:
+                    return Decision(False, f"{where}: {action} refused to {entry}, and this peer's "
+                                    f"{entry.partition(':')[0]} could not be found out")
         if allow & names:
             return Decision(True, f"{where}: {action} allowed to {sorted(allow & names)[0]}")
         return Decision(False, f"{where}: {action} not granted to this peer")
@@ -212,6 +225,7 @@ class Policy:
         self.default_allow = default_allow
         self.default = Decision(default_allow, f"access.default ({'allow' if default_allow else 'deny'}): "
                                 "no rule names this action for this topic")
+        self._accesses: dict[frozenset[str], Access] = {}
         self.by_action: dict[str, list[Rule]] = {
             a: sorted((r for r in self.rules if a in r.actions), key=lambda r: r.key, reverse=True) for a in ACTIONS}
 
@@ -258,43 +272,59 @@ class Policy:
         return ("allow" if base.allowed else "deny"), base
 
     def access(self, principals: Principals) -> Access | None:
-        """The checker for one peer; None when nothing is ever refused."""
-        return None if self.open else Access(self, principals)
+        """The checker for one peer (shared by peers with the same principals); None when
+        nothing is ever refused."""
+        if self.open:
+            return None
+        names = principals.names
+        acc = self._accesses.get(names)
+        if acc is None:
+            if len(self._accesses) >= ACCESS_CACHE:
+                self._accesses.clear()
+            acc = self._accesses[names] = Access(self, names)
+        return acc
+
+
+_ALLOWED = Decision(True, "allowed")
 
 
 class Access:
-    """One peer's view of a policy, with its decisions cached per topic."""
+    """A peer's view of a policy (shared by the peers with the same principals), with its
+    decisions cached per topic as bools; the words of a refusal are found again when needed."""
 
-    __slots__ = ("_pub", "_sub", "policy", "principals")
+    __slots__ = ("_pub", "_sub", "names", "policy")
 
-    def __init__(self, policy: Policy, principals: Principals) -> None:
+    def __init__(self, policy: Policy, names: frozenset[str]) -> None:
         self.policy = policy
-        self.principals = principals
-        self._pub: dict[str, Decision] = {}
+        self.names = names
+        self._pub: dict[str, bool] = {}
         self._sub: dict[str, bool] = {}
 
     def publish(self, topic: str) -> Decision:
-        d = self._pub.get(topic)
-        if d is None:
-            d = self.policy.decide(self.principals.names, "publish", topic)
+        """The decision on publishing ``topic`` (the rule's words only when refused)."""
+        if topic.startswith(topics.INBOX_PREFIX):  # replies: one topic per request, never cached
+            return _ALLOWED
+        ok = self._pub.get(topic)
+        if ok is None:
+            ok = self.policy.decide(self.names, "publish", topic).allowed
             if len(self._pub) >= DECISION_CACHE:
                 self._pub.clear()
-            self._pub[topic] = d
-        return d
+            self._pub[topic] = ok
+        return _ALLOWED if ok else self.policy.decide(self.names, "publish", topic)
 
     def may_receive(self, topic: str) -> bool:
         """For a subscription under a filter: may this message reach it?"""
         ok = self._sub.get(topic)
         if ok is None:
-            ok = self.policy.decide(self.principals.names, "subscribe", topic).allowed
+            ok = self.policy.decide(self.names, "subscribe", topic).allowed
             if len(self._sub) >= DECISION_CACHE:
                 self._sub.clear()
             self._sub[topic] = ok
         return ok
 
     def subscribe(self, pattern: str) -> tuple[str, Decision]:
-        return self.policy.decide_pattern(self.principals.names, "subscribe", pattern)
+        return self.policy.decide_pattern(self.names, "subscribe", pattern)
 
     def decide(self, action: str, topic: str) -> Decision:
-        return self.policy.decide(self.principals.names, action, topic)
+        return self.policy.decide(self.names, action, topic)
 

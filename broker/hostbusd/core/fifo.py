@@ -196,7 +196,7 @@ class FifoParser:
 
     def _prefix_check(self, topic: str) -> None:
         if self.topic_prefix and not topic.startswith(self.topic_prefix):
-            raise FifoFault("denied_topic", f"topic {topics._show(topic)} is outside this FIFO's "
+            raise FifoFault("denied_topic", f"topic {topics.show(topic)} is outside this FIFO's "
                                             f"topic_prefix {self.topic_prefix!r}")
 
     def _feed_frames(self, data: bytes) -> list[Parsed]:

@@ -52,6 +52,8 @@ class Hub:
             retained_max_bytes=config.retained.max_bytes,
             stats_max_topics=config.stats.max_topics,
         )
+        self.router.retained.max_topics_per_uid = config.retained.max_topics_per_uid
+        self.router.retained.max_bytes_per_uid = config.retained.max_bytes_per_uid
         self.sessions: set[Session] = set()
         self.on_peer_error = on_peer_error
         self._refs = itertools.count(1)
@@ -81,6 +83,8 @@ class Hub:
                 self._recheck_subscriptions(session)
         router.retained.max_topics = config.retained.max_topics
         router.retained.max_bytes = config.retained.max_bytes
+        router.retained.max_topics_per_uid = config.retained.max_topics_per_uid
+        router.retained.max_bytes_per_uid = config.retained.max_bytes_per_uid
         router.stats_max_topics = config.stats.max_topics
         for session in [*self.sessions, *self._sink_sessions()]:
             session.batch_bytes = lim.write_batch_bytes
@@ -145,7 +149,11 @@ class Hub:
         """A session finished its handshake; returns its inbox prefix."""
         self.sessions.add(session)
         self.connections_total += 1
-        if session.principals is not None:  # the rules may have been reloaded during the handshake
+        lim = self.config.limits  # a reload during the handshake: the session gets today's rules and bounds
+        session.batch_bytes = lim.write_batch_bytes
+        session.max_queued_bytes = lim.max_queued_bytes_per_connection
+        if session.principals is not None:
+            session.account_max_queued = lim.max_queued_bytes_per_uid
             session.access = self.policy.access(session.principals)
         subs = self.config.subscriptions
         return self.router.attach(session, OutboundQueue(subs.policy, subs.max_queued_msgs, subs.max_queued_bytes))
@@ -193,7 +201,10 @@ class Hub:
         wild = any(t in ("*", ">") for t in topic.split("."))
         out: dict[str, Any] = {}
         for action in ACTIONS:
-            if wild:
+            if action == "subscribe" and topic.split(".", maxsplit=1)[0] == topics.INBOX_PREFIX[:-1]:
+                out[action] = {"allowed": False, "rule": "inbox topics are delivered only to the connection "
+                               "that owns them"}
+            elif wild:
                 verdict, decision = self.policy.decide_pattern(names, action, topic)
                 out[action] = {"allowed": {"allow": True, "deny": False}.get(verdict, "some topics"),
                                "rule": decision.rule}
@@ -202,16 +213,28 @@ class Hub:
                 out[action] = {"allowed": decision.allowed, "rule": decision.rule}
         return out
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self, viewer: Session | None = None) -> dict[str, Any]:
+        """The counters; under access rules, ``viewer`` sees only the topic names and patterns it
+        may subscribe to, and only its own uid's holdings."""
         r = self.router
         st = r.stats
         live = [*self.sessions, *self._sink_sessions()]  # FIFO sinks are subscribers too
         msgs_out = self.closed_totals["msgs_out"] + sum(s.msgs_out for s in live)
         bytes_out = self.closed_totals["bytes_out"] + sum(s.bytes_out for s in live)
         dropped = self.closed_totals["dropped"] + sum(s.dropped for s in live)
+        access = viewer.access if viewer is not None else None
         per_topic = dict(sorted(st.topics.items(), key=lambda kv: -kv[1]))
+        if access is not None:
+            per_topic = {t: n for t, n in per_topic.items() if t == "_INBOX" or access.may_receive(t)}
         if st.topics_other:
             per_topic["(other)"] = st.topics_other
+        accounts = self.accounts
+        if access is not None and viewer is not None and viewer.account is not None:
+            accounts = {viewer.account.uid: viewer.account}
+        gateways = {name: gw.describe() for name, gw in self.gateways.items()}
+        if access is not None:
+            for desc in gateways.values():
+                desc["patterns"] = [p for p in desc["patterns"] if access.subscribe(p)[0] != "deny"]
         return {
             "server": f"hostbusd {__version__}",
             "uptime_s": round(time.time() - self.started, 3),
@@ -234,8 +257,9 @@ class Hub:
             "access": {"default": "allow" if self.policy.default_allow else "deny", "rules": len(self.policy.rules),
                        "denied": dict(self.denied)},
             "uids": {str(uid): {"connections": a.connections, "subscriptions": a.subscriptions,
-                                "queued_bytes": a.queued_bytes} for uid, a in sorted(self.accounts.items())},
+                                "queued_bytes": a.queued_bytes, "written_bytes": a.written_bytes}
+                     for uid, a in sorted(accounts.items())},
             "fifos": {path: entry.describe() for path, entry in self.fifos.items()},
-            "zmq": {name: gw.describe() for name, gw in self.gateways.items()},
+            "zmq": gateways,
             "topics": per_topic,
         }

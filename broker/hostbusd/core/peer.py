@@ -123,11 +123,16 @@ class PeerCore:
         access = session.access
         if access is not None:
             decision = access.publish(topic)
+            what = "publish to"
+            if decision.allowed and reply and not reply.startswith(session.inbox_prefix):
+                # Replies would be published there by the responder, on the requester's behalf.
+                decision = access.publish(reply)
+                what, topic = "ask for replies on", reply
             if not decision.allowed:
                 self.hub.denied["publish"] += 1
                 self.hub.peer_error("publish_denied", session, topic=topic, rule=decision.rule)
                 session.send(wire.encode_err(ErrorCode.PERMISSION_DENIED, 0,
-                                             f"may not publish to {topic!r}: {decision.rule}", fatal=False))
+                                             f"may not {what} {topics.show(topic)}: {decision.rule}", fatal=False))
                 return 0
         try:
             return router.publish(session.ident, topic, body, flags, reply, len(body) - h1, session)
@@ -187,7 +192,10 @@ class PeerCore:
         except HostbusError as exc:
             if exc.code == ErrorCode.PERMISSION_DENIED:
                 self.hub.denied["subscribe"] += 1
-            self.hub.peer_error("subscribe_refused", session, sid=sid, reason=str(exc))
+            pattern = obj.get("pattern")
+            self.hub.peer_error("subscribe_refused", session, sid=sid,
+                                pattern=topics.show(pattern, 32) if isinstance(pattern, str) else None,
+                                rule=getattr(exc, "rule", None), reason=str(exc))
             session.send(wire.encode_err(exc.code or ErrorCode.INVALID_ARGUMENT, sid, str(exc), fatal=False))
             return 0
         session.send(wire.encode_u32(FrameType.OK, sid))
@@ -222,7 +230,7 @@ class PeerCore:
         op = req.get("op")
         session = self.session
         if op == "stats":
-            result = self.hub.stats()
+            result = self.hub.stats(session)
         elif op == "whoami":
             result = self.hub.welcome(session, f"_INBOX.{session.inbox_token}")
             topic = req.get("topic")

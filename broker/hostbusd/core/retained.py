@@ -29,12 +29,27 @@ class _Node:
 
 
 class RetainedStore:
-    def __init__(self, max_topics: int, max_bytes: int) -> None:
+    """``max_topics_per_uid``/``max_bytes_per_uid`` bound what the publishers of one uid hold
+    (a topic belongs to the uid that retained its current message), so one user cannot fill
+    the store for the others."""
+
+    def __init__(self, max_topics: int, max_bytes: int, max_topics_per_uid: int | None = None,
+                 max_bytes_per_uid: int | None = None) -> None:
         self.max_topics = max_topics
         self.max_bytes = max_bytes
+        self.max_topics_per_uid = max_topics if max_topics_per_uid is None else max_topics_per_uid
+        self.max_bytes_per_uid = max_bytes if max_bytes_per_uid is None else max_bytes_per_uid
         self.nbytes = 0
         self._count = 0
         self._root = _Node()
+        self.per_uid: dict[int, list[int]] = {}  # uid -> [topics, bytes]
+
+    def _charge(self, uid: int, topics: int, nbytes: int) -> None:
+        used = self.per_uid.setdefault(uid, [0, 0])
+        used[0] += topics
+        used[1] += nbytes
+        if not used[0]:
+            del self.per_uid[uid]
 
     def __len__(self) -> int:
         return self._count
@@ -54,7 +69,23 @@ class RetainedStore:
             if old:
                 self._delete(topic)
                 self.nbytes -= old_size
+                self._charge(old[0].uid, -1, -old_size)
             return
+        uid = ident.uid
+        same_owner = old is not None and old[0].uid == uid
+        used_topics, used_bytes = self.per_uid.get(uid, (0, 0))
+        if not same_owner and used_topics >= self.max_topics_per_uid:
+            raise LimitExceededError(
+                f"uid {uid} already retains {used_topics} topics, the limit (retained.max_topics_per_uid); "
+                f"{topic!r} was delivered but not retained",
+                code=ErrorCode.LIMIT,
+            )
+        if used_bytes - (old_size if same_owner else 0) + len(block) > self.max_bytes_per_uid:
+            raise LimitExceededError(
+                f"uid {uid} would retain more than {self.max_bytes_per_uid} bytes (retained.max_bytes_per_uid); "
+                f"{topic!r} was delivered but not retained",
+                code=ErrorCode.LIMIT,
+            )
         if old is None and self._count >= self.max_topics:
             raise LimitExceededError(
                 f"retained store holds {self._count} topics, the limit (retained.max_topics); "
@@ -76,8 +107,11 @@ class RetainedStore:
                 node = child
         if old is None:
             self._count += 1
+        else:
+            self._charge(old[0].uid, -1, -old_size)
         node.item = (ident, block)
         self.nbytes += len(block) - old_size
+        self._charge(uid, 1, len(block))
 
     def _delete(self, topic: str) -> None:
         path: list[tuple[_Node, str]] = []

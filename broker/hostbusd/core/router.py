@@ -33,6 +33,14 @@ _VALID_TOPIC_CACHE = 65536
 _unpack_block = wire.frames.MSG_BLOCK.unpack_from
 
 
+class RuleRefusal(PermissionDeniedError):
+    """A subscription the access rules refuse; ``rule`` says which decided."""
+
+    def __init__(self, message: str, rule: str) -> None:
+        super().__init__(message, code=ErrorCode.PERMISSION_DENIED)
+        self.rule = rule
+
+
 class QueueGroup:
     """Subscribers sharing a group name on one pattern; each message goes to one of them.
 
@@ -94,7 +102,7 @@ class Router:
     ) -> None:
         self.index: TopicIndex[Subscription | QueueGroup] = TopicIndex()
         self.groups: dict[tuple[str, str], QueueGroup] = {}
-        self.retained = RetainedStore(retained_max_topics, retained_max_bytes)
+        self.retained = RetainedStore(retained_max_topics, retained_max_bytes)  # per-uid shares: Hub
         self.inboxes: dict[str, Session] = {}
         self.max_subscriptions = max_subscriptions
         self.max_subscriptions_per_uid = max_subscriptions_per_uid
@@ -108,6 +116,7 @@ class Router:
         """Register a new session and give it its reply inbox; returns the inbox prefix."""
         token = secrets.token_hex(8)
         session.inbox_token = token
+        session.inbox_prefix = f"{topics.INBOX_PREFIX}{token}."
         session.inbox = Subscription(session, 0, f"{topics.INBOX_PREFIX}{token}.>", None, inbox_queue)
         self.inboxes[token] = session
         return f"{topics.INBOX_PREFIX}{token}"
@@ -189,13 +198,12 @@ class Router:
         if verdict == "allow":
             return None
         if verdict == "deny" and session.account is not None:  # the daemon's own subscribers just filter
-            raise PermissionDeniedError(f"may not subscribe to {pattern!r}: {decision.rule}",
-                                        code=ErrorCode.PERMISSION_DENIED)
+            raise RuleRefusal(f"may not subscribe to {topics.show(pattern)}: {decision.rule}", decision.rule)
         if group is not None:
-            raise PermissionDeniedError(
-                f"may subscribe to only some topics of {pattern!r} (the rules differ inside it), and a queue group "
-                "member must be able to take every message of its group: subscribe to a narrower pattern",
-                code=ErrorCode.PERMISSION_DENIED)
+            raise RuleRefusal(
+                f"may subscribe to only some topics of {topics.show(pattern)} (the rules differ inside it; for the "
+                f"pattern as a whole: {decision.rule}), and a queue group member must be able to take every message "
+                "of its group: subscribe to a narrower pattern", decision.rule)
         return access
 
     def unsubscribe(self, session: Session, sid: int) -> bool:

@@ -52,17 +52,23 @@ class _NullEgress:
 class Account:
     """What one uid holds across its connections, and its limits (``limits.*_per_uid``)."""
 
-    __slots__ = ("connections", "queued_bytes", "subscriptions", "uid")
+    __slots__ = ("connections", "queued_bytes", "subscriptions", "uid", "written_bytes")
 
     def __init__(self, uid: int) -> None:
         self.uid = uid
         self.connections = 0
         self.subscriptions = 0
-        self.queued_bytes = 0
+        self.queued_bytes = 0  # in subscription queues
+        self.written_bytes = 0  # handed to transports that have not sent them yet
+
+    @property
+    def held(self) -> int:
+        """Message bytes the broker holds for this uid's connections."""
+        return self.queued_bytes + self.written_bytes
 
     @property
     def idle(self) -> bool:
-        return not (self.connections or self.subscriptions or self.queued_bytes)
+        return not (self.connections or self.subscriptions or self.queued_bytes or self.written_bytes)
 
 
 class Subscription:
@@ -104,6 +110,7 @@ class Session:
         "flush_pending",
         "ident",
         "inbox",
+        "inbox_prefix",
         "inbox_token",
         "known",
         "max_queued_bytes",
@@ -133,6 +140,7 @@ class Session:
         self.subs: dict[int, Subscription] = {}
         self.inbox: Subscription | None = None
         self.inbox_token = ""
+        self.inbox_prefix = "\0"  # "_INBOX.<token>." once attached; matches no topic before
         self.out: list[bytes] = []
         self.out_bytes = 0
         self.flush_pending = False
@@ -163,15 +171,15 @@ class Session:
         if self.closing:
             return
         q = sub.queue
-        if not self.paused and not q.items:
+        account = self.account
+        if not self.paused and not q.items and (account is None or account.held < self.account_max_queued):
             self._write_msg(sub, ident, block, flags)
             self._poke()
             return
         missed = q.missed
         room = self.max_queued_bytes - self.queued_bytes
-        account = self.account
         if account is not None:
-            room = min(room, self.account_max_queued - account.queued_bytes)
+            room = min(room, self.account_max_queued - account.held)
         try:
             delta = q.push((ident, block, flags), len(block), room)
         except Overflow:
@@ -188,6 +196,8 @@ class Session:
         if not sub.in_backlog:
             sub.in_backlog = True
             self.backlog.append(sub)
+        if not self.paused and q.items:  # queued because the uid's bound is reached: write it when there is room
+            self._poke()
 
     def _write_msg(self, sub: Subscription, ident: Identity, block: bytes, flags: int) -> None:
         if ident.ref not in self.known:
@@ -203,12 +213,17 @@ class Session:
         out = self.out
         out.append(_msg_header(sub.sid, ident.ref, len(block), flags))
         out.append(block)
-        self.out_bytes += len(block) + _MSG_OVERHEAD
+        n = len(block) + _MSG_OVERHEAD
+        self.out_bytes += n
         self.msgs_out += 1
+        if self.account is not None:
+            self.account.written_bytes += n
 
     def _append(self, frame: bytes) -> None:
         self.out.append(frame)
         self.out_bytes += len(frame)
+        if self.account is not None:
+            self.account.written_bytes += len(frame)
 
     def _poke(self) -> None:
         if self.out_bytes >= self.batch_bytes:
@@ -223,6 +238,8 @@ class Session:
             self._fill_from_backlog()
         out = self.out
         self.bytes_out += self.out_bytes
+        if self.account is not None:  # now the transport's (charged by it while it holds them)
+            self.account.written_bytes -= self.out_bytes
         self.out = []
         self.out_bytes = 0
         return out
@@ -266,6 +283,10 @@ class Session:
         if self.inbox is not None:
             self.inbox.queue.clear()
         self._unqueue(self.queued_bytes)
+        if self.account is not None:
+            self.account.written_bytes -= self.out_bytes
+        self.out = []
+        self.out_bytes = 0
 
     def _leave_backlog(self, sub: Subscription) -> None:
         if sub.in_backlog:

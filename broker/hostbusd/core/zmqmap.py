@@ -57,6 +57,8 @@ def patterns_for_prefix(prefix: bytes, topic_prefix: str = "") -> list[str]:
     for tok in whole:
         if not tok or tok in ("*", ">") or _TOKEN_OK.fullmatch(tok) is None:
             return []
+    if whole and whole[0] == "_INBOX":  # replies go only to their requester: nothing to subscribe
+        return []
     head = "".join(t + "." for t in whole)
     if last == "":
         return [head + ">"]
@@ -85,7 +87,7 @@ def parse_multipart(frames: list[bytes], *, max_bytes: int, topic_prefix: str,
     except HostbusError as exc:
         raise ZmqFault("invalid_topic", str(exc)) from None
     if topic_prefix and not topic.startswith(topic_prefix):
-        raise ZmqFault("denied_topic", f"topic {topics._show(topic)} is outside the gateway's topic_prefix")
+        raise ZmqFault("denied_topic", f"topic {topics.show(topic)} is outside the gateway's topic_prefix")
     hblock = b""
     if len(frames) == 3:
         try:

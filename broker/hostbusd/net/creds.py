@@ -8,7 +8,6 @@ database, and the systemd unit from ``/proc/PID/cgroup`` read right after accept
 from __future__ import annotations
 
 import errno
-import functools
 import grp
 import pwd
 import socket
@@ -16,7 +15,7 @@ import struct
 
 from hostbusd.core.acl import Principals, unit_of_cgroup
 
-_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_UCRED = struct.Struct("i2I")  # struct ucred: pid_t pid, uid_t uid, gid_t gid
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13+
 
 
@@ -27,8 +26,9 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     return pid, uid, gid
 
 
-def peer_groups(sock: socket.socket) -> tuple[int, ...]:
-    """The peer's supplementary groups as the kernel recorded them at connect (SO_PEERGROUPS)."""
+def peer_groups(sock: socket.socket) -> tuple[int, ...] | None:
+    """The peer's supplementary groups as the kernel recorded them at connect (SO_PEERGROUPS);
+    None if the kernel cannot tell."""
     size = 256
     while size <= 1 << 20:
         try:
@@ -37,44 +37,75 @@ def peer_groups(sock: socket.socket) -> tuple[int, ...]:
             if exc.errno == errno.ERANGE:  # more groups than fit: try a larger buffer
                 size *= 4
                 continue
-            return ()
+            return None
         return struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4])
-    return ()
+    return None
 
 
-@functools.lru_cache(maxsize=4096)  # the user database may be remote (NSS): once per uid until a reload
+# Names are looked up at every connect, not cached: a uid given to a new user must not keep the
+# old user's name (and rights).
 def _user_name(uid: int) -> str | None:
     try:
         return pwd.getpwuid(uid).pw_name
-    except KeyError:
+    except (KeyError, OverflowError):
         return None
 
 
-@functools.lru_cache(maxsize=4096)
 def _group_name(gid: int) -> str | None:
     try:
         return grp.getgrgid(gid).gr_name
-    except KeyError:
+    except (KeyError, OverflowError):
         return None
 
 
-def forget_names() -> None:
-    """Look user and group names up again (a reload: the user database may have changed)."""
-    _user_name.cache_clear()
-    _group_name.cache_clear()
-
-
-def unit_of_pid(pid: int) -> str | None:
+def unit_of_pid(pid: int) -> tuple[bool, str | None]:
+    """(known, unit): ``known`` is False when the process's cgroup could not be read (it exited)."""
     try:
-        with open(f"/proc/{pid}/cgroup") as f:
-            return unit_of_cgroup(f.read())
+        with open(f"/proc/{pid}/cgroup", "rb") as f:
+            text = f.read().decode(errors="surrogateescape")
     except OSError:
-        return None
+        return False, None
+    unit = unit_of_cgroup(text)
+    if unit is not None and not unit.isprintable():  # a name the rules could never write: no unit
+        return True, None
+    return True, unit
 
 
 def peer_principals(sock: socket.socket, uid: int, gid: int, pid: int) -> Principals:
-    """The principals of the peer on ``sock`` (its credentials are passed in, already read)."""
+    """The principals of the peer on ``sock`` (its credentials are passed in, already read).
+
+    What cannot be found out is recorded as unknown, so that a rule refusing by that kind of
+    name refuses this peer too (fail closed): groups when SO_PEERGROUPS fails, the unit when the
+    process is gone, the user name when the user database has none.
+    """
+    unknown = set()
     groups = peer_groups(sock)
+    if groups is None:
+        unknown.add("group")
+        groups = ()
     gids = dict.fromkeys([gid, *groups])
     names = [n for n in (_group_name(g) for g in gids) if n is not None]
-    return Principals.of_peer(uid, gid, groups, _user_name(uid), names, unit_of_pid(pid) if pid > 0 else None)
+    if len(names) < len(gids):
+        unknown.add("group")
+    user = _user_name(uid)
+    if user is None:
+        unknown.add("user")
+    known, unit = unit_of_pid(pid) if pid > 0 else (False, None)
+    if not known:
+        unknown.add("unit")
+    return Principals.of_peer(uid, gid, groups, user, names, unit, frozenset(unknown))
+
+
+def unknown_names(entries: list[str]) -> list[str]:
+    """The ``user:``/``group:`` entries of access rules (``!`` or not) naming no user or group here."""
+    out = []
+    for entry in entries:
+        kind, _, name = entry.lstrip("!").partition(":")
+        try:
+            if kind == "user":
+                pwd.getpwnam(name)
+            elif kind == "group":
+                grp.getgrnam(name)
+        except KeyError:
+            out.append(entry)
+    return out

@@ -31,6 +31,7 @@ class UnixPeer(asyncio.Protocol):
         self._abort_handle: asyncio.TimerHandle | None = None
         self._reading_paused = False  # by us: this peer's turn's work budget ran out
         self._eof = False
+        self._charged = 0  # bytes of the transport's buffer charged to the peer's uid
         self.closed = asyncio.Event()
 
     # ---- asyncio.Protocol ----------------------------------------------------------------------
@@ -49,7 +50,13 @@ class UnixPeer(asyncio.Protocol):
                       f"the broker is at its limit of {hub.config.limits.max_connections} connections "
                       "(limits.max_connections); try again later")
             return
-        refusal = hub.admit(core.session, peer_principals(sock, uid, gid, pid))
+        try:
+            principals = peer_principals(sock, uid, gid, pid)
+        except Exception as exc:
+            hub.peer_error("identify_failed", core.session, error=repr(exc))
+            core.fail(ErrorCode.INTERNAL, "the broker could not identify this connection's process", peer_fault=False)
+            return
+        refusal = hub.admit(core.session, principals)
         if refusal is not None:
             hub.rejected_connections += 1
             core.fail(ErrorCode.CONNECTION_LIMIT, refusal)
@@ -105,6 +112,15 @@ class UnixPeer(asyncio.Protocol):
     def pause_writing(self) -> None:
         if self.core is not None:
             self.core.session.paused = True
+            self._charge()
+
+    def _charge(self) -> None:
+        """Charge what the transport still holds to the peer's uid (limits.max_queued_bytes_per_uid)."""
+        acct = self.core.session.account if self.core is not None else None
+        if acct is not None and self.transport is not None:
+            n = self.transport.get_write_buffer_size()
+            acct.written_bytes += n - self._charged
+            self._charged = n
 
     def resume_writing(self) -> None:
         if self.core is not None:
@@ -118,6 +134,9 @@ class UnixPeer(asyncio.Protocol):
             self.core.state = State.CLOSED
             self.core.session.closing = True
             self.hub.close(self.core.session)
+            if self.core.session.account is not None:
+                self.core.session.account.written_bytes -= self._charged
+                self._charged = 0
             self.hub.release(self.core.session)
         self.peers.discard(self)
         self.closed.set()
@@ -151,6 +170,7 @@ class UnixPeer(asyncio.Protocol):
         # written at once: a peer that keeps asking and never reads must not grow this buffer.
         # Message bytes alone stay below one write batch plus one message past the transport's
         # high-water mark, so only replies can pass this bound.
+        self._charge()
         lim = self.hub.config.limits
         bound = lim.max_queued_bytes_per_connection + lim.max_frame_bytes + lim.write_batch_bytes
         if transport.get_write_buffer_size() > bound and not session.closing:

@@ -28,7 +28,8 @@ from urllib.parse import urlsplit
 
 import zmq
 
-from hostbus.topics import MAX_TOPIC_BYTES
+from hostbus.errors import HostbusError
+from hostbus.topics import MAX_TOPIC_BYTES, show
 from hostbusd.config import ZmqConfig
 from hostbusd.core.acl import Principals
 from hostbusd.core.hub import Hub
@@ -212,7 +213,7 @@ class ZmqGateway(LoopEgress):
             if access is not None:
                 decision = access.publish(topic)
                 if not decision.allowed:
-                    self._fault("denied", f"may not publish to {topic!r}: {decision.rule}")
+                    self._fault("denied", f"may not publish to {show(topic)}: {decision.rule}")
                     continue
             router.publish(self.ident, topic, block, 0, "", payload_len, None)
             self.msgs_in += 1
@@ -283,10 +284,17 @@ class ZmqGateway(LoopEgress):
         limit = self.hub.config.limits.max_subscriptions_per_connection
         if len(self.pattern_sids) + len(new) > limit:
             return None
-        for pattern in new:
+        for i, pattern in enumerate(new):
             sid = self.next_sid
             self.next_sid += 1
-            self.hub.router.subscribe(self.session, sid, SubscribeOptions(pattern, retained=False, queue=self.queue))
+            try:
+                self.hub.router.subscribe(self.session, sid,
+                                          SubscribeOptions(pattern, retained=False, queue=self.queue))
+            except HostbusError as exc:  # not a pattern hostbus lets anyone subscribe: refuse the prefix
+                for done in new[:i]:
+                    self.hub.router.unsubscribe(self.session, self.pattern_sids.pop(done))
+                self._fault("subscribe_refused", f"cannot subscribe {pattern!r}: {exc}")
+                return None
             self.pattern_sids[pattern] = sid
         for pattern in patterns:
             self.pattern_refs[pattern] += 1

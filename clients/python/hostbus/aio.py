@@ -167,7 +167,7 @@ class Bus:
         return int(self.welcome["client_id"])
 
     @property
-    def identity(self) -> dict[str, int]:
+    def identity(self) -> dict[str, Any]:
         return dict(self.welcome["identity"])
 
     # ---- output --------------------------------------------------------------------------------

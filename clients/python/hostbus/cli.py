@@ -243,7 +243,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         print(f"{key:<15}{value}")
     for uid, u in st.get("uids", {}).items():
         print(f"uid {uid:<11}{u['connections']} connections, {u['subscriptions']} subscriptions, "
-              f"{u['queued_bytes']} bytes queued")
+              f"{u['queued_bytes']} bytes queued, {u.get('written_bytes', 0)} being written")
     for path, f in st.get("fifos", {}).items():
         problems = f.get("errors") or f.get("dropped") or {}
         detail = ", ".join(f"{k} {v}" for k, v in sorted(problems.items())) or "none"

@@ -137,8 +137,9 @@ class Bus:
         return int(self.welcome["client_id"])
 
     @property
-    def identity(self) -> dict[str, int]:
-        """The uid, gid and pid the broker saw for this connection."""
+    def identity(self) -> dict[str, Any]:
+        """Who the broker verified this connection to be: uid, gid, pid and, for the names access rules
+        use, user, groups, unit and principals (see :meth:`whoami`)."""
         return dict(self.welcome["identity"])
 
     # ---- publishing -----------------------------------------------------------------------------

@@ -32,7 +32,7 @@ _TOPIC_RE = re.compile(rf"{_TOKEN}(?:\.{_TOKEN})*")
 _PATTERN_TOKEN_RE = re.compile(rf"{_TOKEN}|\*|>")
 
 
-def _show(name: str, limit: int = 64) -> str:
+def show(name: str, limit: int = 64) -> str:
     """``repr(name)``, shortened: error texts must stay small whatever a peer sent."""
     return repr(name) if len(name) <= limit else repr(name[:limit]) + f"... ({len(name)} characters)"
 
@@ -58,7 +58,7 @@ def pattern_problem(pattern: str) -> str | None:
         if _PATTERN_TOKEN_RE.fullmatch(token) is None:
             return _token_problem(pattern, wildcards=True)
         if token == ">" and i != len(tokens) - 1:
-            return f"'>' may only be the last token (in {_show(pattern)})"
+            return f"'>' may only be the last token (in {show(pattern)})"
     if len(pattern.encode()) > MAX_TOPIC_BYTES:
         return f"pattern is {len(pattern.encode())} bytes long; the limit is {MAX_TOPIC_BYTES}"
     return None
@@ -67,19 +67,19 @@ def pattern_problem(pattern: str) -> str | None:
 def _token_problem(name: str, *, wildcards: bool) -> str:
     for token in name.split("."):
         if not token:
-            return f"empty token in {_show(name)} (leading, trailing or doubled '.')"
+            return f"empty token in {show(name)} (leading, trailing or doubled '.')"
         if wildcards and token in ("*", ">"):
             continue
         for ch in token:
             if ch in "*>":
                 if wildcards:
-                    return f"wildcard {ch!r} must be a whole token (in {_show(name)})"
-                return f"wildcard {ch!r} is not allowed in a topic to publish on (in {_show(name)})"
+                    return f"wildcard {ch!r} must be a whole token (in {show(name)})"
+                return f"wildcard {ch!r} is not allowed in a topic to publish on (in {show(name)})"
             if ch.isspace() or ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F:
-                return f"whitespace or control character {ch!r} in {_show(name)}"
+                return f"whitespace or control character {ch!r} in {show(name)}"
             if 0xD800 <= ord(ch) <= 0xDFFF:
-                return f"lone surrogate {ch!r} in {_show(name)} (not encodable as UTF-8)"
-    return f"{_show(name)} is not a valid name"  # pragma: no cover - the regexes and this loop agree
+                return f"lone surrogate {ch!r} in {show(name)} (not encodable as UTF-8)"
+    return f"{show(name)} is not a valid name"  # pragma: no cover - the regexes and this loop agree
 
 
 def check_topic(topic: str) -> str:
