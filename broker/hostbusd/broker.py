@@ -19,6 +19,7 @@ from hostbusd.config import Config, FifoSinkConfig
 from hostbusd.core.hub import Hub, PeerErrorSink
 from hostbusd.core.peer import State
 from hostbusd.net.fifo import FifoIngress, FifoSink, OpenedFifo
+from hostbusd.net.ring import RingService
 from hostbusd.net.unix import UnixPeer
 from hostbusd.net.zmq_gateway import ZmqGateway
 
@@ -41,6 +42,7 @@ class Broker:
         self._zmq_endpoints = zmq_endpoints
         self._zmq_mode = zmq_mode
         self.gateway: ZmqGateway | None = None
+        self.rings: RingService | None = None
 
     @property
     def config(self) -> Config:
@@ -52,6 +54,7 @@ class Broker:
         for f in self._initial_fifos:
             self.add_fifo(f)
         self._initial_fifos = []
+        self.rings = RingService(self.hub, loop)
         if self._zmq_endpoints is not None:
             self.gateway = ZmqGateway(self.hub, self.config.zmq, *self._zmq_endpoints, self._zmq_mode)
         for sock in self.listeners:
@@ -160,6 +163,8 @@ class Broker:
             self.remove_fifo(path)
         if self.gateway is not None:
             self.gateway.stop()
+        if self.rings is not None:
+            self.rings.stop()  # every ring's helper exits; nothing stays in /dev/shm
         for server in self._servers:
             await server.wait_closed()
 

@@ -80,6 +80,11 @@ class LimitsConfig(_Section):
         description="Bytes of messages held for all connections of one uid that are not reading; past it that "
         "uid's subscriptions apply their overflow policies, and other users' connections are unaffected.",
     )
+    max_rings_per_uid: int = Field(
+        8, ge=0,
+        description="Shared-memory rings one uid may hold at once (each is memory, a helper process and two "
+        "semaphores); one more is refused with LIMIT.",
+    )
     max_subscriptions_per_connection: int = Field(
         10000, ge=1,
         description="Subscriptions one connection may hold. Each costs an index entry and a queue.",
@@ -320,6 +325,28 @@ class LogConfig(_Section):
     )
 
 
+class ShmConfig(_Section):
+    enabled: bool = Field(True, description="Let clients attach shared-memory rings (docs/shm.md).")
+    max_slots: int = Field(4096, ge=2, le=65536, description="Most slots a ring may have.")
+    max_slot_size: int = Field(
+        4 * MiB, ge=4096, le=256 * MiB,
+        description="Largest slot, in bytes. A message larger than a slot spans consecutive slots.",
+    )
+    max_ring_bytes: int = Field(
+        256 * MiB, ge=64 * 1024,
+        description="Largest ring (slots x slot_size): shared memory one ring may take.",
+    )
+    max_message_bytes: int = Field(
+        64 * MiB, ge=1024, le=1024 * MiB,
+        description="Largest message through a ring (topic, headers, payload). A client is told before it "
+        "writes anything; the broker refuses a larger one from a broken client and ends that ring.",
+    )
+    attach_timeout: float = Field(
+        5.0, gt=0,
+        description="Seconds a client has to map a ring it asked for; then the ring is removed.",
+    )
+
+
 class ShutdownConfig(_Section):
     drain_timeout: float = Field(
         5.0, ge=0,
@@ -344,6 +371,7 @@ class Config(_Section):
     retained: RetainedConfig = RetainedConfig()
     fifo: FifoConfig = FifoConfig()
     zmq: ZmqConfig = ZmqConfig()
+    shm: ShmConfig = ShmConfig()
     access: AccessConfig = AccessConfig()
     acl: list[AclRule] = Field(default_factory=list, description="Access rules ([[acl]] tables), see access.default.")
     stats: StatsConfig = StatsConfig()

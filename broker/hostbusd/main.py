@@ -24,6 +24,7 @@ from hostbusd.config import Config, ConfigError, FifoIngressConfig, FifoSinkConf
 from hostbusd.errors import StartupError
 from hostbusd.net.creds import unknown_names
 from hostbusd.net.fifo import DEFAULT_FIFO, OpenedFifo, open_ingress, prepare_fifo
+from hostbusd.net.ring import sweep_stale
 from hostbusd.net.zmq_gateway import check_endpoint
 from hostbusd.ownership import lookup_gid
 
@@ -483,6 +484,7 @@ async def serve(rt: Runtime, listeners: list[socket.socket], fifos: list[OpenedF
     notifier = rt.notifier
     notifier.send(READY=1, STATUS=status_line(broker))
     warn_unknown_names(rt.config, rt.log)
+    sweep_stale(rt.log)  # semaphores of an earlier hostbusd that died while a client was attaching
     rt.log.info("started", socket=str(rt.sock_path), fifos=[str(p) for p in rt.fifo_specs], pid=os.getpid(),
                 version=__version__, socket_activated=rt.sock_path not in {p for p, _ in rt.owned})
 

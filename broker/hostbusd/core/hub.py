@@ -64,6 +64,7 @@ class Hub:
         self.closed_totals = {"msgs_out": 0, "bytes_out": 0, "dropped": 0}
         self.fifos: dict[str, FifoEntry] = {}  # path -> publish FIFO or sink, for the stats
         self.gateways: dict[str, Any] = {}  # name -> ZeroMQ gateway (has describe() and a session)
+        self.rings: Any = None  # net.ring.RingService, once the broker runs
 
     def apply_config(self, config: Config) -> None:
         """A reloaded configuration: new bounds and rules for the router and every open session.
@@ -159,6 +160,8 @@ class Hub:
         return self.router.attach(session, OutboundQueue(subs.policy, subs.max_queued_msgs, subs.max_queued_bytes))
 
     def close(self, session: Session) -> None:
+        if session.rings and self.rings is not None:
+            self.rings.close_session(session)
         if session in self.sessions:
             self.sessions.discard(session)
             self.router.detach(session)
@@ -261,5 +264,7 @@ class Hub:
                      for uid, a in sorted(accounts.items())},
             "fifos": {path: entry.describe() for path, entry in self.fifos.items()},
             "zmq": gateways,
+            "rings": [r for r in (self.rings.stats() if self.rings is not None else [])
+                      if access is None or viewer is None or r["uid"] == viewer.ident.uid],
             "topics": per_topic,
         }

@@ -153,7 +153,8 @@ class PeerCore:
             return self._subscribe(body)
         elif ftype == FrameType.UNSUB:
             sid, _ = wire.split_u32(body)
-            self.hub.router.unsubscribe(self.session, sid)
+            if not (self.session.ring_sids and self.hub.rings.unsubscribe(self.session, sid)):
+                self.hub.router.unsubscribe(self.session, sid)
         elif ftype == FrameType.PING:
             token, _ = wire.split_u32(body)
             self.session.send(wire.encode_u32(FrameType.PONG, token))
@@ -172,6 +173,9 @@ class PeerCore:
                 f"unsupported protocol version {version!r}; this broker speaks {wire.PROTOCOL_VERSION}",
                 code=ErrorCode.HANDSHAKE,
             )
+        if "ring_fd" in hello:  # a connection that only fetches a ring's segment (docs/shm.md)
+            self._hand_ring_fd(hello["ring_fd"])
+            return
         name = hello.get("name")
         if isinstance(name, str):
             self.session.name = name[:128]
@@ -179,6 +183,19 @@ class PeerCore:
         self.session.send(wire.encode_json(FrameType.WELCOME, self.hub.welcome(self.session, inbox)))
         self.decoder.max_frame = self.hub.config.limits.max_frame_bytes
         self.state = State.OPEN
+
+    def _hand_ring_fd(self, token: object) -> None:
+        rings = self.hub.rings
+        session = self.session
+        try:
+            if rings is None:
+                raise HostbusError("shared-memory rings are not available", code=ErrorCode.INVALID_ARGUMENT)
+            fd = rings.take_fd(token, session.ident.uid)
+        except HostbusError as exc:
+            self.fail(exc.code or ErrorCode.INVALID_ARGUMENT, f"ring_fd: {exc}")
+            return
+        session.egress.send_fd(fd)  # type: ignore[attr-defined]  # UnixPeer: the only transport with HELLO
+        self.fail(0, "", peer_fault=False)
 
     def _subscribe(self, body: bytes) -> int:
         sid, raw = wire.split_u32(body)
@@ -188,7 +205,18 @@ class PeerCore:
         session = self.session
         try:
             opts = self._sub_options(obj)
-            _, delivered = self.hub.router.subscribe(session, sid, opts)
+            via = obj.get("via", "socket")
+            if via == "shm":
+                if self.hub.rings is None or sid in session.subs or sid in session.ring_sids:
+                    raise HostbusError(f"subscription id {sid} is already in use", code=ErrorCode.DUPLICATE_ID)
+                delivered = int(self.hub.rings.subscribe(session, sid, opts, obj.get("ring")))
+            elif via != "socket":
+                raise HostbusError(f"SUB: 'via' must be 'socket' or 'shm', not {str(via)[:32]!r}",
+                                   code=ErrorCode.INVALID_ARGUMENT)
+            elif sid in session.ring_sids:
+                raise HostbusError(f"subscription id {sid} is already in use", code=ErrorCode.DUPLICATE_ID)
+            else:
+                _, delivered = self.hub.router.subscribe(session, sid, opts)
         except HostbusError as exc:
             if exc.code == ErrorCode.PERMISSION_DENIED:
                 self.hub.denied["subscribe"] += 1
@@ -231,6 +259,18 @@ class PeerCore:
         session = self.session
         if op == "stats":
             result = self.hub.stats(session)
+        elif op in ("ring_attach", "ring_ready", "ring_close"):
+            rings = self.hub.rings
+            if rings is None:
+                session.send(wire.encode_err(ErrorCode.INVALID_ARGUMENT, call_id, "shared-memory rings are not "
+                                             "available", False))
+            elif op == "ring_attach":
+                rings.attach(session, call_id, req)  # answers when the ring exists
+            elif op == "ring_ready":
+                rings.ready(session, call_id, req.get("ring"))
+            else:
+                rings.close(session, call_id, req.get("ring"))
+            return
         elif op == "whoami":
             result = self.hub.welcome(session, f"_INBOX.{session.inbox_token}")
             topic = req.get("topic")
@@ -242,7 +282,7 @@ class PeerCore:
                     return
                 result["access"] = self.hub.may(session, topic)
         else:
-            message = f"unknown CALL op {str(op)[:64]!r}; known: stats, whoami"
+            message = f"unknown CALL op {str(op)[:64]!r}; known: stats, whoami, ring_attach, ring_ready, ring_close"
             session.send(wire.encode_err(ErrorCode.INVALID_ARGUMENT, call_id, message, False))
             return
         session.send(wire.encode_json(FrameType.RESULT, result, wire.frames.U32.pack(call_id)))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from hostbus import wire
 from hostbus.errors import ErrorCode
@@ -52,7 +52,7 @@ class _NullEgress:
 class Account:
     """What one uid holds across its connections, and its limits (``limits.*_per_uid``)."""
 
-    __slots__ = ("connections", "queued_bytes", "subscriptions", "uid", "written_bytes")
+    __slots__ = ("connections", "queued_bytes", "rings", "subscriptions", "uid", "written_bytes")
 
     def __init__(self, uid: int) -> None:
         self.uid = uid
@@ -60,6 +60,7 @@ class Account:
         self.subscriptions = 0
         self.queued_bytes = 0  # in subscription queues
         self.written_bytes = 0  # handed to transports that have not sent them yet
+        self.rings = 0  # shared-memory rings
 
     @property
     def held(self) -> int:
@@ -68,7 +69,7 @@ class Account:
 
     @property
     def idle(self) -> bool:
-        return not (self.connections or self.subscriptions or self.queued_bytes or self.written_bytes)
+        return not (self.connections or self.subscriptions or self.queued_bytes or self.written_bytes or self.rings)
 
 
 class Subscription:
@@ -123,6 +124,8 @@ class Session:
         "paused",
         "principals",
         "queued_bytes",
+        "ring_sids",
+        "rings",
         "subs",
     )
 
@@ -133,6 +136,8 @@ class Session:
         self.principals: Principals | None = None
         self.account: Account | None = None  # None for the daemon's own subscribers
         self.account_max_queued = 0
+        self.rings: dict[int, Any] = {}  # ring id -> the connection's shared-memory rings (net.ring.Ring)
+        self.ring_sids: dict[int, Any] = {}  # sid -> the deliver ring a subscription delivers through
         self.egress: Egress = _NullEgress()
         # Called once when the session fails (code, message, peer_fault), before the egress closes:
         # the owner detaches it from the router at once, so nothing is routed to a dying peer.

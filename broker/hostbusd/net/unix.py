@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, cast
 from hostbus.errors import ErrorCode
 from hostbusd.core.peer import PeerCore, State
 from hostbusd.net.creds import peer_credentials, peer_principals
+from hostbusd.net.ring import send_fd
 
 if TYPE_CHECKING:
     from hostbusd.core.hub import Hub
@@ -177,6 +178,14 @@ class UnixPeer(asyncio.Protocol):
             core.fail(ErrorCode.SLOW_CONSUMER,
                       f"the connection stopped reading: over {bound} bytes of replies are waiting "
                       "(limits.max_queued_bytes_per_connection + max_frame_bytes + write_batch_bytes)")
+
+    def send_fd(self, fd: int) -> None:
+        """Hand a ring's segment to the peer (a connection that has been sent nothing yet)."""
+        if self.transport is not None and not self.transport.is_closing():
+            try:
+                send_fd(self.transport, fd)
+            except OSError as exc:
+                self.hub.peer_error("ring_fd_failed", self.core.session if self.core else None, error=str(exc))
 
     def close(self) -> None:
         """The session failed or the broker is stopping: write what is left, then close."""

@@ -137,9 +137,9 @@ class ClientCore:
                                reply.encode() if reply else b"", flags, self.max_frame)
 
     def sub(self, sid: int, pattern: str, group: str | None, policy: str | None,
-            max_msgs: int | None, max_bytes: int | None) -> bytes:
+            max_msgs: int | None, max_bytes: int | None, extra: dict[str, Any] | None = None) -> bytes:
         topics.check_pattern(pattern)
-        opts: dict[str, Any] = {"pattern": pattern}
+        opts: dict[str, Any] = {"pattern": pattern, **(extra or {})}
         if group:
             opts["group"] = group
         if policy:

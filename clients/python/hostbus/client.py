@@ -25,6 +25,7 @@ from hostbus._core import ClientCore, SubscriptionState, as_hostbus_error
 from hostbus.errors import ClosedError, ConnectionLostError, HostbusError
 from hostbus.errors import TimeoutError as HostbusTimeoutError
 from hostbus.message import Message
+from hostbus.shm import DeliverRing, ShmPublisher
 
 #: Bytes of published frames buffered before publish() blocks.
 DEFAULT_MAX_BUFFER = 4 * 1024 * 1024
@@ -117,6 +118,10 @@ class Bus:
         self._wbuf = bytearray()
         self._max_buffer = max_buffer
         self._closing = False
+        self.path = ""  # the socket's path (set by connect(); rings fetch their memory through it)
+        self._deliver_ring: DeliverRing | None = None
+        self._ring_sids: set[int] = set()
+        self._rings: list[ShmPublisher | DeliverRing] = []
         welcome: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self._core.welcome_waiter = welcome
         self._reader = threading.Thread(target=self._read_loop, name="hostbus-reader", daemon=True)
@@ -192,18 +197,29 @@ class Bus:
 
     def subscribe(self, pattern: str, group: str | None = None, *, policy: str | None = None,
                   max_msgs: int | None = None, max_bytes: int | None = None,
-                  pending_limit: int = DEFAULT_PENDING_LIMIT) -> Subscription:
+                  pending_limit: int = DEFAULT_PENDING_LIMIT, via: str = "socket",
+                  ring_slots: int = 64, ring_slot_size: int = 256 * 1024) -> Subscription:
         """Subscribe; returns once the broker confirmed (errors are raised here, at once).
 
         ``group``: share the messages with the other subscribers of this group and pattern.
         ``policy``/``max_msgs``/``max_bytes``: the broker-side queue of this subscription
         while this client is not reading (defaults from the broker's configuration).
+        ``via="shm"``: receive through this bus's shared-memory ring (made by the first such
+        subscription, with ``ring_slots`` slots of ``ring_slot_size`` bytes): payloads cross no
+        socket. Messages are the same :class:`Message` objects; ``data`` is a copy (bytes).
         """
+        extra: dict[str, Any] = {}
+        if via == "shm":
+            extra = {"via": "shm", "ring": self._ensure_deliver_ring(ring_slots, ring_slot_size).id}
+        elif via != "socket":
+            raise ValueError(f"via must be 'socket' or 'shm', not {via!r}")
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
         with self._lock:
             self._core.check()
             sid = next(self._core.ids)
-            frame = self._core.sub(sid, pattern, group, policy, max_msgs, max_bytes)
+            frame = self._core.sub(sid, pattern, group, policy, max_msgs, max_bytes, extra)
+            if extra:
+                self._ring_sids.add(sid)
             sub = Subscription(self, sid, pattern, group, pending_limit)
             self._core.sinks[sid] = sub
             self._core.register(self._core.sub_waiters, sid, fut)
@@ -219,6 +235,21 @@ class Bus:
                     self._send(self._u32_frame("UNSUB", sid))
             raise
         return sub
+
+    def _ensure_deliver_ring(self, slots: int, slot_size: int) -> DeliverRing:
+        with self._lock:
+            ring = self._deliver_ring
+            if ring is None or ring.closed is not None:
+                ring = self._deliver_ring = DeliverRing(self, slots, slot_size)
+                self._rings.append(ring)
+            return ring
+
+    def shm_publisher(self, slots: int = 64, slot_size: int = 256 * 1024) -> ShmPublisher:
+        """A publisher through a shared-memory ring of ``slots`` slots of ``slot_size`` bytes
+        (docs/shm.md): ``pub.publish(topic, data, headers=None)``, ``pub.flush()``, ``pub.close()``."""
+        pub = ShmPublisher(self, slots, slot_size)
+        self._rings.append(pub)
+        return pub
 
     def _unsubscribe(self, sub: Subscription) -> None:
         with self._lock:
@@ -313,6 +344,10 @@ class Bus:
 
     def close(self, timeout: float = 5.0) -> None:
         """Send what is buffered, then close. Subscriptions end with ClosedError."""
+        rings, self._rings = self._rings, []
+        for ring in rings:  # publishers flush their last slot; the deliver ring's reader stops
+            with contextlib.suppress(HostbusError):
+                ring.close()
         with self._wcond:
             self._closing = True
             self._wcond.notify_all()
@@ -350,4 +385,6 @@ def connect(socket: str | os.PathLike[str] | None = None, name: str | None = Non
         raise ConnectionLostError(f"cannot connect to hostbusd at {path}: {exc.strerror or exc}",
                                   hint="is hostbusd running? set HOSTBUS_SOCKET or pass socket=") from None
     sock.settimeout(None)
-    return Bus(sock, name, max_buffer, error_cb)
+    bus = Bus(sock, name, max_buffer, error_cb)
+    bus.path = str(path)
+    return bus

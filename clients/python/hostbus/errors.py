@@ -29,6 +29,7 @@ class ErrorCode(enum.IntEnum):
     CONNECTION_LIMIT = 13
     INVALID_ARGUMENT = 14
     INTERNAL = 15
+    RING_ENDED = 16  # a shared-memory ring ended (its error names the ring and why)
 
 
 class HostbusError(Exception):
@@ -121,6 +122,11 @@ class BrokerError(HostbusError):
     """An error reported by the broker that has no more specific class."""
 
 
+class RingClosedError(HostbusError):
+    """A shared-memory ring is closed: by its owner, by the broker (the message says why), or
+    because the connection it belongs to is lost."""
+
+
 _CODE_TO_CLASS: dict[int, type[HostbusError]] = {
     ErrorCode.PROTOCOL: RemoteProtocolError,
     ErrorCode.FRAME_TOO_LARGE: MessageTooLargeError,
@@ -137,6 +143,7 @@ _CODE_TO_CLASS: dict[int, type[HostbusError]] = {
     ErrorCode.CONNECTION_LIMIT: LimitExceededError,
     ErrorCode.INVALID_ARGUMENT: BrokerError,
     ErrorCode.INTERNAL: BrokerError,
+    ErrorCode.RING_ENDED: RingClosedError,
 }
 
 

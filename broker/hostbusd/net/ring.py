@@ -1,0 +1,528 @@
+"""Shared-memory rings, the broker's side (docs/shm.md).
+
+A client asks for a ring on its connection (CALL ``ring_attach``). The broker then
+
+1. creates the segment as a sealed memfd (``F_SEAL_SHRINK | F_SEAL_GROW``: the client can write
+   the slots but never shrink the segment under the broker's mapping) -- it has no name at all;
+2. starts a helper process (:mod:`hostbusd.ringhelper`) that creates the two semaphores
+   owner-only under random names; if the client runs as another uid, the broker grants that one
+   uid access with a POSIX ACL on the semaphore files, so no other user can open them at any
+   moment;
+3. answers with the names, the geometry and a one-time token. The client fetches the segment's
+   descriptor over a second connection (HELLO with ``ring_fd``: the broker sends it with
+   SCM_RIGHTS and closes), opens the semaphores and calls ``ring_ready``; the helper then
+   unlinks the names. If it does not within ``shm.attach_timeout``, the ring is removed.
+
+The broker never maps a semaphore (a client could truncate the file and kill the mapper with
+SIGBUS): the helper waits and posts, and reports counts through a pipe. A publish ring's slots
+are copied out of the segment before they are parsed, so a client changing them meanwhile can
+only hurt itself; a malformed slot ends that ring. A ring ends with its connection.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import collections
+import contextlib
+import fcntl
+import mmap
+import os
+import secrets
+import socket
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hostbus import ring as layout
+from hostbus import wire
+from hostbus.errors import ErrorCode, HostbusError
+from hostbus.topics import show
+from hostbusd.core.identity import Identity
+from hostbusd.core.router import SubscribeOptions
+from hostbusd.core.session import Session, Subscription
+from hostbusd.core.sink import RecordSession
+from hostbusd.net import LoopEgress
+
+if TYPE_CHECKING:
+    from hostbusd.core.hub import Hub
+
+U32 = struct.Struct("<I")
+SHM_DIR = Path("/dev/shm")
+#: Prefix of the semaphore names (``/dev/shm/sem.hostbus.<pid>.<token>.<free|filled>``).
+NAME_PREFIX = "hostbus."
+
+# POSIX ACL xattr (linux/posix_acl_xattr.h): version 2, entries (tag u16, perm u16, id u32).
+_ACL_VERSION = 2
+_ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_MASK, _ACL_OTHER = 0x01, 0x02, 0x04, 0x10, 0x20
+_ACL_UNDEFINED_ID = 0xFFFFFFFF
+
+
+def grant_uid(path: str, uid: int) -> None:
+    """Let exactly ``uid`` (besides the owner) read and write ``path`` (mode stays 0600 for others)."""
+    entries = [(_ACL_USER_OBJ, 6, _ACL_UNDEFINED_ID), (_ACL_USER, 6, uid), (_ACL_GROUP_OBJ, 0, _ACL_UNDEFINED_ID),
+               (_ACL_MASK, 6, _ACL_UNDEFINED_ID), (_ACL_OTHER, 0, _ACL_UNDEFINED_ID)]
+    data = struct.pack("<I", _ACL_VERSION) + b"".join(struct.pack("<HHI", *e) for e in entries)
+    os.setxattr(path, "system.posix_acl_access", data, follow_symlinks=False)
+
+
+def sweep_stale(log: Any) -> int:
+    """Remove semaphores an earlier hostbusd of this uid left (its pid is gone); the count removed."""
+    removed = 0
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(SHM_DIR):
+            name = entry.name
+            if not name.startswith("sem." + NAME_PREFIX):
+                continue
+            try:
+                pid = int(name.split(".")[2])
+                if entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                    continue
+            except (ValueError, IndexError, OSError):
+                continue
+            if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                    removed += 1
+    if removed:
+        log.info("stale_rings_removed", semaphores=removed)
+    return removed
+
+
+class RingSession(RecordSession):
+    """The subscriber side of a deliver ring: one record per message, packed into slots."""
+
+    __slots__ = ()
+
+    def record(self, ident: Identity, block: bytes) -> bytes:
+        raise NotImplementedError  # _write_msg builds the record: it needs the subscription
+
+    def _write_msg(self, sub: Subscription, ident: Identity, block: bytes, flags: int) -> None:
+        q = sub.queue
+        if q.missed:  # the client learns of drops as for the socket: a GAP record before the message
+            self.out.append(layout.DELIVER_RECORD.pack(0, layout.GAP_FLAG, sub.sid, min(q.missed, 0xFFFFFFFF),
+                                                       0, 0, 0))
+            q.missed = 0
+        origin = ident.origin.encode()
+        rec = layout.DELIVER_RECORD.pack(len(block), flags, sub.sid, ident.uid & 0xFFFFFFFF,
+                                         ident.gid & 0xFFFFFFFF, ident.pid & 0xFFFFFFFF, len(origin)) + origin + block
+        self.out.append(rec)
+        self.out_bytes += len(rec)
+        self.msgs_out += 1
+
+
+class Ring(LoopEgress):
+    """One ring: its segment, its helper, and what flows through it."""
+
+    def __init__(self, service: RingService, owner: Session, ring_id: int, direction: str, slots: int,
+                 slot_size: int) -> None:
+        self.service = service
+        self.hub = service.hub
+        self.loop = service.loop
+        self.owner = owner
+        self.id = ring_id
+        self.direction = direction
+        self.slots = slots
+        self.slot_size = slot_size
+        self.size = slots * slot_size
+        self.token = secrets.token_hex(16)
+        base = f"/{NAME_PREFIX}{os.getpid()}.{secrets.token_hex(8)}"
+        self.names = {"free": base + ".free", "filled": base + ".filled"}
+        self.state = "starting"  # -> offered -> running -> closed
+        self.fd = os.memfd_create("hostbus-ring", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(self.fd, self.size)
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+            self.mm = mmap.mmap(self.fd, self.size)
+        except OSError:
+            os.close(self.fd)
+            raise
+        self.next = 0  # slots consumed (publish) or produced (deliver), counted from 0
+        self.credits = 0  # deliver: free slots the helper reported and the broker has not filled
+        self.pending = b""  # partial u32 counts from the helper
+        self.slots_in = 0
+        self.msgs_in = 0
+        self.reader = layout.SlotReader(slot_size, service.config.max_message_bytes + 64)
+        self.filler = layout.SlotFiller(slot_size)
+        self.packed: collections.deque[bytes] = collections.deque()  # deliver: packed, waiting for a free slot
+        self.session: RingSession | None = None
+        self.deadline: asyncio.TimerHandle | None = None
+        self.call_id = 0
+        # publish: the helper waits on "filled" (client's posts) and posts "free"; deliver: the reverse.
+        wait, post = ("filled", "free") if direction == "publish" else ("free", "filled")
+        initial = {"free": slots, "filled": 0}
+        self.helper = subprocess.Popen(
+            [sys.executable, "-m", "hostbusd.ringhelper", self.names[wait], self.names[post], str(initial[wait]),
+             str(initial[post])],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+        assert self.helper.stdout is not None and self.helper.stdin is not None
+        self.out_fd = self.helper.stdout.fileno()
+        self.in_fd = self.helper.stdin.fileno()
+        os.set_blocking(self.out_fd, False)
+        self.loop.add_reader(self.out_fd, self._on_helper)
+
+    # ---- set-up ---------------------------------------------------------------------------------------
+
+    def _on_helper(self) -> None:
+        try:
+            data = os.read(self.out_fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.fail("the ring's semaphore helper ended (were the semaphores tampered with?)")
+            return
+        if self.state == "starting":
+            if not data.startswith(b"R"):
+                self.fail("the ring's semaphore helper did not start")
+                return
+            data = data[1:]
+            self._offer()
+            if self.state != "offered":
+                return
+        data = self.pending + data
+        whole = len(data) // 4 * 4
+        self.pending = data[whole:]
+        n = sum(U32.unpack_from(data, i)[0] for i in range(0, whole, 4))
+        if n:
+            if self.direction == "publish":
+                self._consume(n)
+            else:
+                self.credits += n
+                if self.session is not None and self.state == "running":
+                    self.session.paused = False
+                    self.flush()
+
+    def _offer(self) -> None:
+        """The semaphores exist: let the client's uid in, then tell it where everything is."""
+        uid = self.owner.ident.uid
+        if uid not in (0, os.getuid()):
+            try:
+                for name in self.names.values():
+                    grant_uid(str(SHM_DIR / ("sem." + name[1:])), uid)
+            except OSError as exc:
+                self.fail(f"cannot give uid {uid} access to the ring's semaphores: {exc.strerror} (does /dev/shm "
+                          "support POSIX ACLs?)", call=True)
+                return
+        self.state = "offered"
+        self.service.offers[self.token] = self
+        self.deadline = self.loop.call_later(self.service.config.attach_timeout, self._expire)
+        cfg = self.service.config
+        self.owner.send(wire.encode_json(wire.FrameType.RESULT, {
+            "ring": self.id, "token": self.token, "direction": self.direction, "slots": self.slots,
+            "slot_size": self.slot_size, "free": self.names["free"], "filled": self.names["filled"],
+            "max_message_bytes": cfg.max_message_bytes,
+        }, U32.pack(self.call_id)))
+
+    def _expire(self) -> None:
+        if self.state == "offered":
+            self.fail(f"the client did not map ring {self.id} within {self.service.config.attach_timeout} s "
+                      "(shm.attach_timeout)")
+
+    def take_fd(self) -> int:
+        self.service.offers.pop(self.token, None)
+        return self.fd
+
+    def ready(self) -> None:
+        """The client holds the segment and both semaphores: remove the names, start."""
+        if self.deadline is not None:
+            self.deadline.cancel()
+        self.service.offers.pop(self.token, None)
+        self._tell(b"U")
+        self.state = "running"
+        if self.direction == "deliver":
+            hub = self.hub
+            lim = hub.config.limits
+            self.session = RingSession(self.owner.ident, batch_bytes=self.slot_size,
+                                       max_queued_bytes=lim.max_queued_bytes_per_connection)
+            self.session.egress = self
+            self.session.access = self.owner.access
+            self.session.principals = self.owner.principals
+            self.session.paused = self.credits == 0
+            if self.credits:
+                self.flush()
+
+    # ---- publish ring ---------------------------------------------------------------------------------
+
+    def _consume(self, n: int) -> None:
+        """Read ``n`` filled slots, route their messages, give the slots back."""
+        if self.state != "running":  # posted before ring_ready: the client broke the protocol
+            self.fail("slots were posted before ring_ready")
+            return
+        router = self.hub.router
+        owner = self.owner
+        mm = self.mm
+        size = self.slot_size
+        head = layout.SLOT_HEAD
+        try:
+            for _ in range(n):
+                off = (self.next % self.slots) * size
+                self.next += 1
+                used = head.unpack_from(mm, off)[3]
+                slot = mm[off:off + head.size + min(used, size - head.size)]  # a copy: parse what was there
+                self.slots_in += 1
+                for rec in self.reader.feed(slot, layout.PUB_RECORD):
+                    flags = rec[4]
+                    block = rec[5:]
+                    topic, _, h1 = router.check_block(block, flags)
+                    access = owner.access
+                    if access is not None:
+                        decision = access.publish(topic)
+                        if not decision.allowed:
+                            self.hub.denied["publish"] += 1
+                            self.hub.peer_error("publish_denied", owner, topic=topic, rule=decision.rule, ring=self.id)
+                            owner.send(wire.encode_err(ErrorCode.PERMISSION_DENIED, 0, f"may not publish to "
+                                                       f"{show(topic)}: {decision.rule}", fatal=False))
+                            continue
+                    owner.msgs_in += 1
+                    owner.bytes_in += len(block)
+                    self.msgs_in += 1
+                    try:
+                        router.publish(owner.ident, topic, block, flags & ~wire.PUB_REQUEST, "", len(block) - h1, owner)
+                    except HostbusError as exc:  # the retained store is full: tell, go on
+                        owner.send(wire.encode_err(exc.code or ErrorCode.LIMIT, 0, str(exc), fatal=False))
+        except (layout.RingFormatError, HostbusError) as exc:
+            self.fail(f"ring {self.id}: {exc}")
+            return
+        finally:
+            if self.state == "running":
+                self._tell(b"P" + U32.pack(n))
+
+    # ---- deliver ring ---------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Pack what the ring session has for the client into free slots, post them.
+
+        Slots packed while no slot is free wait in ``packed`` (at most what one write batch
+        makes); meanwhile the session counts as paused, so further messages wait in their
+        subscriptions' bounded queues under their overflow policies.
+        """
+        session = self.session
+        if session is None or self.state != "running":
+            return
+        session.flush_pending = False
+        ready = self.packed
+        posted = 0
+        while True:
+            while ready and self.credits > 0:
+                self._put(ready.popleft())
+                posted += 1
+            if ready or self.credits <= 0:
+                break
+            out = session.take_output()
+            if not out:
+                last = self.filler.take()  # what this loop iteration produced: post it now
+                if not last:
+                    break
+                ready.append(last)
+                continue
+            for rec in out:
+                ready.extend(self.filler.add(rec))
+        if posted:
+            self._tell(b"P" + U32.pack(posted))
+        session.paused = self.credits <= 0 or bool(ready)
+
+    def _put(self, slot: bytes) -> None:
+        off = (self.next % self.slots) * self.slot_size
+        self.mm[off:off + len(slot)] = slot
+        self.next += 1
+        self.credits -= 1
+
+    def stop(self) -> None:
+        self.close_ring()
+
+    # ---- ending ---------------------------------------------------------------------------------------
+
+    def _tell(self, cmd: bytes) -> None:
+        try:
+            os.write(self.in_fd, cmd)
+        except OSError:
+            self.fail("the ring's semaphore helper is gone")
+
+    def fail(self, reason: str, call: bool = False) -> None:
+        """End the ring and tell its owner why (on the pending call, or as an error about it)."""
+        if self.state == "closed":
+            return
+        was = self.state
+        self.close_ring()
+        self.hub.peer_error("ring_failed", self.owner, ring=self.id, reason=reason)
+        ref = self.call_id if (call or was == "starting") else 0
+        self.owner.send(wire.encode_err(ErrorCode.RING_ENDED, ref,
+                                        f"ring {self.id} ended: {reason}", fatal=False))
+
+    def close_ring(self) -> None:
+        if self.state == "closed":
+            return
+        self.state = "closed"
+        if self.deadline is not None:
+            self.deadline.cancel()
+        self.service.offers.pop(self.token, None)
+        self.service.rings.pop(self.id, None)
+        with contextlib.suppress(Exception):
+            self.loop.remove_reader(self.out_fd)
+        if self.session is not None:
+            self.session.closing = True
+            self.hub.router.detach(self.session)
+        assert self.helper.stdin is not None and self.helper.stdout is not None
+        with contextlib.suppress(OSError):
+            self.helper.stdin.close()  # the helper unlinks what is left and exits
+        with contextlib.suppress(OSError):
+            self.helper.stdout.close()
+        self.service.reap(self.helper)
+        with contextlib.suppress(Exception):
+            self.mm.close()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+        acct = self.owner.account
+        if acct is not None:
+            acct.rings -= 1
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"client": self.owner.ident.ref, "uid": self.owner.ident.uid, "direction": self.direction,
+                               "slots": self.slots, "slot_size": self.slot_size, "state": self.state}
+        if self.direction == "publish":
+            out.update(slots_in=self.slots_in, messages_in=self.msgs_in)
+        else:
+            s = self.session
+            out.update(filled=self.slots - self.credits if self.state == "running" else 0,
+                       messages_out=s.msgs_out if s else 0, dropped=s.dropped if s else 0)
+        return out
+
+
+class RingService:
+    """Every ring of the daemon, by id and by the token of its descriptor."""
+
+    def __init__(self, hub: Hub, loop: asyncio.AbstractEventLoop) -> None:
+        self.hub = hub
+        self.loop = loop
+        self.rings: dict[int, Ring] = {}
+        self.offers: dict[str, Ring] = {}
+        self.next_id = 1
+        self.helpers: list[subprocess.Popen[bytes]] = []
+        hub.rings = self
+
+    @property
+    def config(self) -> Any:
+        return self.hub.config.shm
+
+    def attach(self, session: Session, call_id: int, args: dict[str, Any]) -> None:
+        cfg = self.config
+        direction = args.get("direction")
+        slots = args.get("slots")
+        slot_size = args.get("slot_size")
+
+        def refuse(message: str, code: int = ErrorCode.INVALID_ARGUMENT) -> None:
+            session.send(wire.encode_err(code, call_id, message, False))
+
+        if not cfg.enabled:
+            return refuse("shared-memory rings are off (shm.enabled = false)")
+        if direction not in ("publish", "deliver"):
+            return refuse("ring_attach: 'direction' must be 'publish' or 'deliver'")
+        if not isinstance(slots, int) or isinstance(slots, bool) or not 2 <= slots <= cfg.max_slots:
+            return refuse(f"ring_attach: 'slots' must be an integer from 2 to {cfg.max_slots} (shm.max_slots)")
+        if (not isinstance(slot_size, int) or isinstance(slot_size, bool)
+                or not layout.MIN_SLOT_SIZE <= slot_size <= cfg.max_slot_size):
+            return refuse(f"ring_attach: 'slot_size' must be an integer from {layout.MIN_SLOT_SIZE} to "
+                          f"{cfg.max_slot_size} (shm.max_slot_size)")
+        if slots * slot_size > cfg.max_ring_bytes:
+            return refuse(f"ring_attach: {slots} x {slot_size} bytes exceeds shm.max_ring_bytes ({cfg.max_ring_bytes})")
+        acct = session.account
+        lim = self.hub.config.limits
+        if acct is not None and acct.rings >= lim.max_rings_per_uid:
+            return refuse(f"uid {acct.uid} already holds {acct.rings} rings, the limit (limits.max_rings_per_uid)",
+                          ErrorCode.LIMIT)
+        ring_id = self.next_id
+        self.next_id += 1
+        try:
+            ring = Ring(self, session, ring_id, direction, slots, slot_size)
+        except OSError as exc:
+            return refuse(f"cannot create the ring: {exc.strerror}", ErrorCode.RING_ENDED)
+        ring.call_id = call_id
+        self.rings[ring_id] = ring
+        session.rings[ring_id] = ring
+        if acct is not None:
+            acct.rings += 1
+        return None
+
+    def ready(self, session: Session, call_id: int, ring_id: object) -> None:
+        ring = self.rings.get(ring_id) if isinstance(ring_id, int) else None
+        if ring is None or ring.owner is not session or ring.state != "offered":
+            session.send(wire.encode_err(ErrorCode.INVALID_ARGUMENT, call_id,
+                                         f"ring_ready: no ring {ring_id!r} waiting on this connection", False))
+            return
+        ring.ready()
+        session.send(wire.encode_json(wire.FrameType.RESULT, {"ring": ring.id}, U32.pack(call_id)))
+
+    def close(self, session: Session, call_id: int, ring_id: object) -> None:
+        ring = session.rings.pop(ring_id, None) if isinstance(ring_id, int) else None
+        if ring is None:
+            session.send(wire.encode_err(ErrorCode.INVALID_ARGUMENT, call_id,
+                                         f"ring_close: no ring {ring_id!r} on this connection", False))
+            return
+        ring.close_ring()
+        session.send(wire.encode_json(wire.FrameType.RESULT, {"ring": ring.id}, U32.pack(call_id)))
+
+    def take_fd(self, token: object, uid: int) -> int:
+        """The descriptor of an offered ring, for a connection of the ring owner's uid."""
+        ring = self.offers.get(token) if isinstance(token, str) else None
+        if ring is None or ring.owner.ident.uid != uid:
+            raise HostbusError("no ring is waiting for this token on this uid", code=ErrorCode.INVALID_ARGUMENT)
+        return ring.take_fd()
+
+    def subscribe(self, session: Session, sid: int, opts: SubscribeOptions, ring_id: object) -> int:
+        ring = session.rings.get(ring_id) if isinstance(ring_id, int) else None
+        if ring is None or ring.direction != "deliver" or ring.session is None:
+            raise HostbusError(f"SUB: no ready deliver ring {ring_id!r} on this connection",
+                               code=ErrorCode.INVALID_ARGUMENT)
+        if opts.group is not None:
+            raise HostbusError("SUB: a queue group cannot deliver through a ring", code=ErrorCode.INVALID_ARGUMENT)
+        acl = self.hub.router.subscribe_filter(session, opts.pattern, None)  # refuses as for the socket
+        _, delivered = self.hub.router.subscribe(ring.session, sid, opts)
+        ring.session.subs[sid].acl = acl
+        session.ring_sids[sid] = ring
+        return delivered
+
+    def unsubscribe(self, session: Session, sid: int) -> bool:
+        ring = session.ring_sids.pop(sid, None)
+        if ring is None or ring.session is None:
+            return False
+        self.hub.router.unsubscribe(ring.session, sid)
+        return True
+
+    def close_session(self, session: Session) -> None:
+        for ring in list(session.rings.values()):
+            ring.close_ring()
+        session.rings.clear()
+        session.ring_sids.clear()
+
+    def reap(self, proc: subprocess.Popen[bytes]) -> None:
+        """Collect a helper's exit without waiting (it exits when its stdin closes)."""
+        self.helpers.append(proc)
+        self.helpers = [p for p in self.helpers if p.poll() is None]
+
+    def stop(self) -> None:
+        for ring in list(self.rings.values()):
+            ring.close_ring()
+        for proc in self.helpers:
+            try:
+                proc.wait(2)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.helpers = []
+
+    def stats(self) -> list[dict[str, Any]]:
+        return [ring.describe() for ring in self.rings.values()]
+
+
+def send_fd(transport: asyncio.BaseTransport, fd: int) -> None:
+    """Send ``fd`` with one byte on a Unix-socket transport that has written nothing yet."""
+    sock = transport.get_extra_info("socket")
+    # A duplicate of the descriptor (same open file: still non-blocking; one byte into an empty
+    # buffer is sent at once). Closing the duplicate leaves the transport's own descriptor open.
+    with socket.socket(fileno=os.dup(sock.fileno())) as raw:
+        raw.sendmsg([b"\x00"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+

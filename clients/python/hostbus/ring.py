@@ -1,0 +1,158 @@
+"""Shared-memory rings: the slot layout both ends use (no I/O here).
+
+A ring is one segment of ``slots`` slots of ``slot_size`` bytes, taken in order 0, 1, 2, ...
+and around; the producer and the consumer each count slots on their own, and the two POSIX
+semaphores ``free`` and ``filled`` are the only thing they share besides the bytes: the
+producer waits on ``free``, writes slot ``n % slots``, posts ``filled``; the consumer waits on
+``filled``, reads that slot, posts ``free``.
+
+Slot: an 8-byte head ``u8 kind, u8 reserved, u16 records, u32 used`` then ``used`` bytes.
+
+* ``BATCH``: ``records`` whole records, one after the other (many small messages, one post);
+* ``FIRST``, ``MIDDLE``, ``LAST``: one record larger than a slot, cut in consecutive slots;
+  ``FIRST`` starts with the record's ``u32`` total length. A record whose ``LAST`` slot never
+  comes (its producer died) is dropped, never delivered in part.
+
+Record in a publish ring (client -> broker): ``u32 block_len, u8 flags`` (PUB flags: retain),
+then a message block as in a PUB frame. Record in a deliver ring (broker -> client):
+``u32 block_len, u8 flags, u32 sid, u32 uid, u32 gid, u32 pid, u16 origin_len``, the origin,
+then the message block as in a MSG frame. A deliver record with flag ``GAP_FLAG`` carries no
+message: its ``uid`` field is the number of messages the subscription missed (as a GAP frame).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+
+SLOT_HEAD = struct.Struct("<BBHI")
+BATCH, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+TOTAL = struct.Struct("<I")
+PUB_RECORD = struct.Struct("<IB")
+DELIVER_RECORD = struct.Struct("<IBIIIIH")
+#: Flag of a deliver record that is a GAP: no message, ``uid`` holds how many were dropped.
+GAP_FLAG = 0x80
+
+#: Smallest slot: room for the head and a small message.
+MIN_SLOT_SIZE = 256
+
+
+class RingFormatError(ValueError):
+    """A slot or record that does not follow the layout (a broken or hostile producer)."""
+
+
+def slot_capacity(slot_size: int) -> int:
+    return slot_size - SLOT_HEAD.size
+
+
+class SlotFiller:
+    """Packs records into slots: whole records into ``BATCH`` slots, a record too large for one
+    slot into ``FIRST``/``MIDDLE``/``LAST`` slots. Yields each slot's bytes (head included) to
+    write; the caller owns the semaphores."""
+
+    __slots__ = ("buf", "cap", "records")
+
+    def __init__(self, slot_size: int) -> None:
+        self.cap = slot_capacity(slot_size)
+        self.buf = bytearray()
+        self.records = 0
+
+    def add(self, record: bytes) -> Iterator[bytes]:
+        """Slots completed by adding ``record`` (the current batch stays open)."""
+        if len(self.buf) + len(record) <= self.cap and self.records < 0xFFFF:
+            self.buf += record
+            self.records += 1
+            return
+        if self.records:
+            yield self.take()
+        if len(record) <= self.cap:
+            self.buf += record
+            self.records = 1
+            return
+        data = TOTAL.pack(len(record)) + record
+        cap = self.cap
+        n = (len(data) + cap - 1) // cap
+        for i in range(n):
+            kind = FIRST if i == 0 else LAST if i == n - 1 else MIDDLE
+            chunk = data[i * cap:(i + 1) * cap]
+            yield SLOT_HEAD.pack(kind, 0, 0, len(chunk)) + chunk
+
+    def take(self) -> bytes:
+        """The open batch as a slot (empty bytes if there is none)."""
+        if not self.records:
+            return b""
+        out = SLOT_HEAD.pack(BATCH, 0, self.records, len(self.buf)) + self.buf
+        self.buf = bytearray()
+        self.records = 0
+        return out
+
+
+class SlotReader:
+    """Turns slots, in ring order, back into records; checks every length it is given."""
+
+    __slots__ = ("cap", "max_record", "part", "total")
+
+    def __init__(self, slot_size: int, max_record: int) -> None:
+        self.cap = slot_capacity(slot_size)
+        self.max_record = max_record
+        self.part: bytearray | None = None
+        self.total = 0
+
+    def feed(self, slot: bytes, fixed: struct.Struct) -> Iterator[bytes]:
+        """Records completed by ``slot`` (a copy of the slot's bytes, head included).
+
+        ``fixed`` is the record's fixed part, whose first field is the block length.
+        Raises RingFormatError on anything inconsistent.
+        """
+        if len(slot) < SLOT_HEAD.size:
+            raise RingFormatError("slot shorter than its head")
+        kind, _, count, used = SLOT_HEAD.unpack_from(slot, 0)
+        if used > self.cap or SLOT_HEAD.size + used > len(slot):
+            raise RingFormatError(f"slot declares {used} bytes, more than its {self.cap}")
+        body = slot[SLOT_HEAD.size:SLOT_HEAD.size + used]
+        if kind == BATCH:
+            if self.part is not None:
+                raise RingFormatError("a batch slot came inside a message cut across slots")
+            pos = 0
+            for _ in range(count):
+                if pos + fixed.size > used:
+                    raise RingFormatError("record head past the end of the slot")
+                end = pos + fixed.size + fixed.unpack_from(body, pos)[0] + self._extra(body, pos, fixed)
+                if end > used:
+                    raise RingFormatError("record past the end of the slot")
+                yield body[pos:end]
+                pos = end
+            if pos != used:
+                raise RingFormatError(f"slot holds {used - pos} bytes after its {count} records")
+        elif kind == FIRST:
+            if self.part is not None or used < TOTAL.size:
+                raise RingFormatError("misplaced or empty first slot of a message")
+            total = TOTAL.unpack_from(body, 0)[0]
+            if total > self.max_record:
+                raise RingFormatError(f"message of {total} bytes exceeds the limit of {self.max_record}")
+            self.total = total
+            self.part = bytearray(body[TOTAL.size:])
+        elif kind in (MIDDLE, LAST):
+            part = self.part
+            if part is None:
+                raise RingFormatError("continuation slot without a first slot")
+            part += body
+            if len(part) > self.total:
+                raise RingFormatError("message longer than its first slot said")
+            if kind == LAST:
+                self.part = None
+                if len(part) != self.total:
+                    raise RingFormatError("message shorter than its first slot said")
+                end = fixed.size + fixed.unpack_from(part, 0)[0] + self._extra(part, 0, fixed)
+                if end != len(part):
+                    raise RingFormatError("record length does not match the message")
+                yield bytes(part)
+        else:
+            raise RingFormatError(f"unknown slot kind {kind}")
+
+    @staticmethod
+    def _extra(buf: bytes | bytearray, pos: int, fixed: struct.Struct) -> int:
+        """Bytes between the fixed part and the block (a deliver record's origin)."""
+        if fixed is DELIVER_RECORD:
+            return int(DELIVER_RECORD.unpack_from(buf, pos)[6])
+        return 0

@@ -1,0 +1,240 @@
+"""Shared-memory rings, the client's side: ``bus.shm_publisher()`` and ``subscribe(..., via="shm")``.
+
+A ring is asked for on the bus's connection; its segment comes as a file descriptor over a
+second, short connection (nothing of it has a name), its two semaphores are opened by the names
+the broker gave, which it removes as soon as both sides hold them. See docs/shm.md.
+
+Needs the ``posix_ipc`` package (installed with hostbus); the rest of the library does not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from hostbus import ring as layout
+from hostbus import topics, wire
+from hostbus.errors import ConnectionLostError, MessageTooLargeError, RingClosedError, error_from_code
+from hostbus.errors import TimeoutError as HostbusTimeoutError
+from hostbus.message import Message, Sender
+
+if TYPE_CHECKING:
+    from hostbus.client import Bus
+
+#: Seconds between two checks of the connection while waiting on a full (or empty) ring: a
+#: broker that died is noticed within this time (plus the connection's own detection).
+POLL_INTERVAL = 0.1
+
+
+def _posix_ipc() -> Any:
+    try:
+        import posix_ipc  # noqa: PLC0415 - only rings need it
+    except ImportError:  # pragma: no cover - a dependency of the package
+        raise RingClosedError("shared-memory rings need the posix_ipc package (pip install posix_ipc)") from None
+    return posix_ipc
+
+
+def fetch_fd(path: str, token: str, timeout: float = 10.0) -> int:
+    """The ring segment's descriptor, sent by the broker on a connection of its own."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(path)
+            s.sendall(wire.encode_json(wire.FrameType.HELLO, {"protocol": wire.PROTOCOL_VERSION, "ring_fd": token}))
+            data, fds, _, _ = socket.recv_fds(s, 65536, 1)
+        except OSError as exc:
+            raise ConnectionLostError(f"cannot fetch the ring's memory from {path}: {exc}") from None
+        if fds:
+            for extra in fds[1:]:
+                os.close(extra)
+            return fds[0]
+        dec = wire.Decoder(wire.SERVER_FRAMES, 1 << 16)
+        dec.feed(data)
+        for ftype, _, body in dec.frames():
+            if ftype == wire.FrameType.ERR:
+                code, _, message = wire.decode_err(body)
+                raise error_from_code(code, message)
+        raise RingClosedError("the broker closed the connection without sending the ring's memory")
+
+
+class _Ring:
+    """What both kinds of ring share: attach, wait on a semaphore while watching the bus, close."""
+
+    def __init__(self, bus: Bus, direction: str, slots: int, slot_size: int) -> None:
+        ipc = _posix_ipc()
+        self.bus = bus
+        self._busy = ipc.BusyError
+        res = bus.call("ring_attach", direction=direction, slots=slots, slot_size=slot_size)
+        self.id = int(res["ring"])
+        self.slots = int(res["slots"])
+        self.slot_size = int(res["slot_size"])
+        self.max_message_bytes = int(res["max_message_bytes"])
+        self.closed: BaseException | None = None
+        fd = fetch_fd(bus.path, str(res["token"]))
+        try:
+            self.mm = mmap.mmap(fd, self.slots * self.slot_size)
+        finally:
+            os.close(fd)
+        self.free = ipc.Semaphore(res["free"])
+        self.filled = ipc.Semaphore(res["filled"])
+        bus.call("ring_ready", ring=self.id)  # the broker removes the names now
+        self.next = 0
+
+    def _wait(self, sem: Any, closing: Callable[[], bool] | None = None) -> bool:
+        """Take one post of ``sem``; False if ``closing()`` became true meanwhile. Raises if the
+        ring or the connection ended."""
+        while True:
+            if self.closed is not None:
+                raise RingClosedError(f"ring {self.id} is closed") from self.closed
+            try:
+                sem.acquire(POLL_INTERVAL)
+                return True
+            except self._busy:
+                self.bus._core.check()  # ConnectionLostError once the broker is gone
+                if closing is not None and closing():
+                    return False
+
+    def _release_local(self) -> None:
+        for sem in (self.free, self.filled):
+            try:
+                sem.close()
+            except Exception:  # noqa: S110 - closing twice or after the broker removed it
+                pass
+        try:
+            self.mm.close()
+        except BufferError:  # a memoryview still refers to it: the mapping goes with the last one
+            pass
+
+
+class ShmPublisher(_Ring):
+    """Publishes through a ring: ``publish`` packs messages into the current slot, a full slot
+    is handed to the broker (one semaphore post for many messages), ``flush`` hands over the
+    last one. A message larger than a slot spans several. Not thread-safe: one per thread."""
+
+    def __init__(self, bus: Bus, slots: int, slot_size: int) -> None:
+        super().__init__(bus, "publish", slots, slot_size)
+        self._filler = layout.SlotFiller(self.slot_size)
+
+    def publish(self, topic: str, data: bytes | bytearray | memoryview | str = b"",
+                headers: dict[str, str] | None = None, retain: bool = False) -> None:
+        """Queue one message in the ring (returns once it is in shared memory, maybe not yet posted)."""
+        if isinstance(data, str):
+            data = data.encode()
+        topics.check_topic(topic)
+        tb = topic.encode()
+        hb = wire.encode_headers(headers) if headers else b""
+        size = wire.frames.MSG_BLOCK.size + len(tb) + len(hb) + len(data)
+        if size > self.max_message_bytes:
+            raise MessageTooLargeError(f"message of {size} bytes exceeds the ring's limit of "
+                                       f"{self.max_message_bytes} (shm.max_message_bytes); nothing was written")
+        record = b"".join((layout.PUB_RECORD.pack(size, wire.PUB_RETAIN if retain else 0),
+                           wire.frames.MSG_BLOCK.pack(len(tb), 0, len(hb)), tb, hb, data))
+        for slot in self._filler.add(record):
+            self._put(slot)
+
+    def _put(self, slot: bytes) -> None:
+        self._wait(self.free)
+        off = (self.next % self.slots) * self.slot_size
+        self.mm[off:off + len(slot)] = slot
+        self.next += 1
+        self.filled.release()
+
+    def flush(self, timeout: float | None = 10.0) -> None:
+        """Hand the current slot to the broker, wait until it has routed every slot, and raise
+        an error it reported about them (like :meth:`Bus.flush`)."""
+        slot = self._filler.take()
+        if slot:
+            self._put(slot)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.free.value < self.slots:  # the broker gives every slot back once it routed it
+            self.bus._core.check()
+            if self.closed is not None:
+                raise RingClosedError(f"ring {self.id} is closed") from self.closed
+            if deadline is not None and time.monotonic() > deadline:
+                raise HostbusTimeoutError(f"flush of ring {self.id}: not routed within {timeout} s")
+            time.sleep(0.0005)
+        self.bus.flush(timeout)
+
+    def close(self) -> None:
+        """Flush, then give the ring back (idempotent)."""
+        if self.closed is not None:
+            return
+        try:
+            if self.bus._core.lost is None:
+                self.flush()
+                self.bus.call("ring_close", ring=self.id)
+        finally:
+            self.closed = RingClosedError(f"ring {self.id} was closed")
+            self._release_local()
+
+    def __enter__(self) -> ShmPublisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class DeliverRing(_Ring):
+    """The ring a bus's ``via="shm"`` subscriptions receive through, read by a thread of its own."""
+
+    def __init__(self, bus: Bus, slots: int, slot_size: int) -> None:
+        super().__init__(bus, "deliver", slots, slot_size)
+        self._reader = layout.SlotReader(self.slot_size, self.max_message_bytes + 64)
+        self._stop = False
+        self.thread = threading.Thread(target=self._run, name="hostbus-ring-reader", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        core = self.bus._core
+        head = layout.SLOT_HEAD
+        size = self.slot_size
+        try:
+            while self._wait(self.filled, lambda: self._stop):
+                off = (self.next % self.slots) * size
+                self.next += 1
+                used = head.unpack_from(self.mm, off)[3]
+                slot = self.mm[off:off + head.size + min(used, size - head.size)]
+                self.free.release()
+                batches: dict[int, list[Message]] = {}
+                for rec in self._reader.feed(slot, layout.DELIVER_RECORD):
+                    __, flags, sid, uid, gid, pid, olen = layout.DELIVER_RECORD.unpack_from(rec, 0)
+                    sink = core.sinks.get(sid)
+                    if flags & layout.GAP_FLAG:
+                        if sink is not None:
+                            sink.gap(uid)
+                        continue
+                    b0 = layout.DELIVER_RECORD.size + olen
+                    origin = rec[layout.DELIVER_RECORD.size:b0].decode(errors="replace")
+                    topic, _, h0, h1 = wire.split_block(rec, b0)
+                    headers = wire.decode_headers(rec[h0:h1]) if h1 > h0 else {}
+                    msg = Message(topic, rec[h1:], headers, Sender(uid, gid, pid, origin), None, sid,
+                                  bool(flags & wire.MSG_RETAINED))
+                    batches.setdefault(sid, []).append(msg)
+                for sid, msgs in batches.items():
+                    sink = core.sinks.get(sid)
+                    if sink is not None:
+                        sink.push_many(msgs)
+        except Exception as exc:
+            self.closed = exc
+            for sid in list(self.bus._ring_sids):
+                sink = core.sinks.pop(sid, None)
+                if sink is not None:
+                    sink.end(exc if isinstance(exc, ConnectionLostError) else
+                             RingClosedError(f"ring {self.id} ended: {exc}"))
+
+    def close(self) -> None:
+        self._stop = True
+        if self.thread is not threading.current_thread():
+            self.thread.join(2 * POLL_INTERVAL + 1)
+        if self.closed is None:
+            self.closed = RingClosedError(f"ring {self.id} was closed")
+        self._release_local()
+
+
+__all__ = ["DeliverRing", "ShmPublisher", "fetch_fd"]
