@@ -102,14 +102,10 @@ class _Ring:
 
     def _release_local(self) -> None:
         for sem in (self.free, self.filled):
-            try:
+            with contextlib.suppress(Exception):  # closing twice, or after the broker removed it
                 sem.close()
-            except Exception:  # noqa: S110 - closing twice or after the broker removed it
-                pass
-        try:
+        with contextlib.suppress(BufferError):  # a memoryview still refers to it: it goes with the last one
             self.mm.close()
-        except BufferError:  # a memoryview still refers to it: the mapping goes with the last one
-            pass
 
 
 class ShmPublisher(_Ring):
