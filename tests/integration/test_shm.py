@@ -1,0 +1,260 @@
+"""Shared-memory rings against a real daemon: real segments, real POSIX semaphores, real users."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import hostbus
+from hostbus import ring as layout
+from hostbus.shm import fetch_fd
+from tests.conftest import Daemon, ensure_user, run_as
+from tests.helpers.subs import drain
+
+SEQ = struct.Struct("<Q")
+
+
+def shm_names() -> list[str]:
+    return sorted(n for n in os.listdir("/dev/shm") if "hostbus" in n)
+
+
+def ring_helpers() -> list[int]:
+    out = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            with contextlib.suppress(OSError):
+                if b"hostbusd.ringhelper" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    out.append(int(pid))
+    return out
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"{what} did not happen within {timeout} s")
+
+
+@pytest.fixture
+def clean_shm() -> Iterator[None]:
+    before = shm_names()
+    yield
+    wait_for(lambda: shm_names() == before, what=f"/dev/shm back to {before} (now {shm_names()})")
+
+
+def test_200k_messages_through_a_publish_ring_arrive_complete_and_in_order(daemon: Daemon, clean_shm: None) -> None:
+    n = 200_000
+    with daemon.connect("socket-sub") as sbus, daemon.connect("ring-sub") as rbus, daemon.connect("pub") as pbus:
+        # Broker-side queues that hold the whole run: the publisher may run ahead of the readers.
+        ssub = sbus.subscribe("seq", pending_limit=n + 1, max_msgs=n)
+        rsub = rbus.subscribe("seq", via="shm", pending_limit=n + 1, max_msgs=n, ring_slots=64,
+                              ring_slot_size=64 * 1024)
+        with pbus.shm_publisher(slots=64, slot_size=64 * 1024) as pub:
+            assert shm_names() == []  # the names are gone once both sides hold the objects
+            for i in range(n):
+                pub.publish("seq", SEQ.pack(i))
+            pub.flush()
+            for sub in (ssub, rsub):
+                got = [SEQ.unpack(sub.next(timeout=30).data)[0] for _ in range(n)]
+                assert got == list(range(n))
+                assert sub.missed == 0
+            st = pbus.stats()
+            rings = {r["direction"]: r for r in st["rings"]}
+            assert rings["publish"]["messages_in"] == n and rings["deliver"]["messages_out"] == n
+        msg_sender = None
+        pub2 = pbus.shm_publisher(slots=4, slot_size=4096)
+        pub2.publish("seq", b"x", headers={"k": "v"})
+        pub2.flush()
+        for sub in (ssub, rsub):
+            m = sub.next(timeout=5)
+            assert (m.topic, m.data, m.headers) == ("seq", b"x", {"k": "v"})
+            msg_sender = m.sender
+        assert msg_sender == hostbus.Sender(os.getuid(), os.getgid(), os.getpid(), "")
+        pub2.close()
+    wait_for(lambda: not ring_helpers(), what="ring helpers gone")
+
+
+@pytest.mark.parametrize("size", [1, "one-slot", 3 * 4096 + 17, 200_000])
+def test_message_sizes_one_byte_one_slot_and_many_slots(daemon: Daemon, size: int | str, clean_shm: None) -> None:
+    slot_size = 4096
+    topic = "sz"
+    if size == "one-slot":  # a record that fills a slot's room exactly
+        size = layout.slot_capacity(slot_size) - layout.PUB_RECORD.size - 8 - len(topic)
+    assert isinstance(size, int)
+    payload = bytes(i % 251 for i in range(size))
+    with daemon.connect() as bus:
+        ssub = bus.subscribe(topic)
+        rsub = bus.subscribe(topic, via="shm", ring_slots=4, ring_slot_size=slot_size)
+        with bus.shm_publisher(slots=4, slot_size=slot_size) as pub:
+            for _ in range(3):
+                pub.publish(topic, payload)
+            pub.flush()
+            before = pub.next
+        for sub in (ssub, rsub):
+            assert [m.data for m in (sub.next(timeout=10) for _ in range(3))] == [payload] * 3
+        if size == layout.slot_capacity(slot_size) - layout.PUB_RECORD.size - 8 - len(topic):
+            assert before == 3  # one slot per message, exactly
+        elif size > slot_size:
+            assert before > 3
+
+
+def test_a_message_over_the_limit_is_refused_before_anything_is_written(start_daemon: Callable[..., Daemon],
+                                                                        clean_shm: None) -> None:
+    d = start_daemon({"shm": {"max_message_bytes": 2048}})
+    with d.connect() as bus:
+        sub = bus.subscribe("big")
+        with bus.shm_publisher(slots=4, slot_size=1024) as pub:
+            with pytest.raises(hostbus.MessageTooLargeError, match=r"shm\.max_message_bytes"):
+                pub.publish("big", b"x" * 2048)
+            assert pub.next == 0  # nothing was written
+            pub.publish("big", b"fits")
+            pub.flush()
+        assert sub.next(timeout=5).data == b"fits"
+
+
+def test_bad_geometry_and_the_per_uid_ring_limit_are_refused(start_daemon: Callable[..., Daemon],
+                                                             clean_shm: None) -> None:
+    d = start_daemon({"limits": {"max_rings_per_uid": 1}, "shm": {"max_slots": 16}})
+    with d.connect() as bus:
+        with pytest.raises(hostbus.HostbusError, match=r"shm\.max_slots"):
+            bus.shm_publisher(slots=17, slot_size=4096)
+        with pytest.raises(hostbus.HostbusError, match="slot_size"):
+            bus.shm_publisher(slots=4, slot_size=16)
+        pub = bus.shm_publisher(slots=4, slot_size=4096)
+        with pytest.raises(hostbus.LimitExceededError, match=r"limits\.max_rings_per_uid"):
+            bus.shm_publisher(slots=4, slot_size=4096)
+        pub.close()
+        bus.shm_publisher(slots=4, slot_size=4096).close()  # given back: room again
+
+
+CHILD_PUBLISHER = """
+import sys, hostbus
+bus = hostbus.connect(sys.argv[1])
+pub = bus.shm_publisher(slots=8, slot_size=4096)
+print("ready", flush=True)
+i = 0
+while True:  # messages of 3 slots each, forever: killed in the middle of one
+    pub.publish("torn", bytes([i % 256]) * 10000)
+    i += 1
+"""
+
+
+def test_a_publisher_killed_mid_stream_leaves_nothing_torn_and_its_ring_is_reclaimed(
+        daemon: Daemon, clean_shm: None) -> None:
+    with daemon.connect() as bus:
+        sub = bus.subscribe("torn", pending_limit=1_000_000)
+        child = subprocess.Popen([sys.executable, "-c", CHILD_PUBLISHER, str(daemon.socket)],
+                                 stdout=subprocess.PIPE, text=True)
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        time.sleep(0.5)
+        child.kill()
+        child.wait()
+        child.stdout.close()
+        msgs = drain(sub, 1.0)
+        assert msgs, "nothing arrived before the kill"
+        for m in msgs:  # every delivered message is whole: 10000 copies of one byte
+            assert len(m.data) == 10000 and m.data == m.data[:1] * 10000
+        wait_for(lambda: bus.stats()["rings"] == [], what="the ring reclaimed")
+    wait_for(lambda: not ring_helpers(), what="ring helpers gone")
+
+
+def test_a_client_blocked_on_a_full_ring_learns_that_the_broker_died(daemon: Daemon, clean_shm: None) -> None:
+    bus = daemon.connect()
+    pub = bus.shm_publisher(slots=2, slot_size=4096)
+    os.kill(daemon.pid, signal.SIGKILL)
+    daemon.proc.wait()
+    t0 = time.monotonic()
+    with pytest.raises(hostbus.ConnectionLostError):
+        for _ in range(100):  # 2 slots, nobody takes them: this blocks until the loss is seen
+            pub.publish("x", b"y" * 3000)
+    assert time.monotonic() - t0 < 2.0
+    bus.close()
+    wait_for(lambda: not ring_helpers(), what="the helpers of a killed broker exit")
+
+
+@pytest.mark.needs_root
+def test_another_user_cannot_open_a_ring_or_fetch_its_memory(daemon: Daemon, workdir: Path,
+                                                            clean_shm: None) -> None:
+    workdir.chmod(0o755)
+    daemon.workdir.chmod(0o755)
+    daemon.runtime_dir.chmod(0o755)
+    daemon.socket.chmod(0o666)
+    uid, gid = ensure_user("hostbus-test")
+    with daemon.connect() as bus:
+        res = bus.call("ring_attach", direction="publish", slots=4, slot_size=4096)  # offered, not yet taken
+        names = [res["free"], res["filled"]]
+        files = [Path("/dev/shm") / ("sem." + n[1:]) for n in names]
+        assert all(f.exists() and (f.stat().st_mode & 0o777) == 0o600 for f in files)
+        token, sock = res["token"], str(daemon.socket)
+
+        def intruder() -> None:
+            import posix_ipc
+
+            for name in names:
+                with pytest.raises(posix_ipc.PermissionsError):
+                    posix_ipc.Semaphore(name)
+            for f in files:
+                with pytest.raises(PermissionError):
+                    os.open(f, os.O_RDWR)
+            with pytest.raises(hostbus.HostbusError, match="no ring is waiting"):
+                fetch_fd(sock, token)  # the token is for the owner's uid only
+
+        assert run_as(uid, gid, intruder) == 0
+        fd = fetch_fd(sock, token)  # the owner still can
+        os.close(fd)
+        bus.call("ring_ready", ring=res["ring"])
+        assert not any(f.exists() for f in files)  # no name left once both sides hold them
+
+
+@pytest.mark.needs_root
+def test_a_ring_of_another_users_client_works(daemon: Daemon, workdir: Path, clean_shm: None) -> None:
+    workdir.chmod(0o755)
+    daemon.workdir.chmod(0o755)
+    daemon.runtime_dir.chmod(0o755)
+    daemon.socket.chmod(0o666)
+    uid, gid = ensure_user("hostbus-test")
+    sock = str(daemon.socket)
+    with daemon.connect() as bus:
+        sub = bus.subscribe("other.>")
+
+        def publish_through_a_ring() -> None:
+            with hostbus.connect(sock) as b, b.shm_publisher(slots=4, slot_size=4096) as pub:
+                pub.publish("other.hello", b"from another uid")
+                pub.flush()
+
+        assert run_as(uid, gid, publish_through_a_ring) == 0
+        msg = sub.next(timeout=5)
+        assert (msg.data, msg.sender.uid) == (b"from another uid", uid)
+
+
+def test_a_ring_subscriber_that_stops_reading_gets_its_overflow_policy(daemon: Daemon, clean_shm: None) -> None:
+    with daemon.connect("stalled") as stalled, daemon.connect("reader") as reader, daemon.connect("pub") as pbus:
+        ok = reader.subscribe("flood", pending_limit=100_000)
+        rsub = stalled.subscribe("flood", via="shm", policy="drop-new", max_msgs=10, ring_slots=2,
+                                 ring_slot_size=4096)
+        ring = stalled._deliver_ring
+        assert ring is not None
+        ring._stop = True  # the client stops reading its ring
+        ring.thread.join(2)
+        n = 2000
+        for i in range(n):
+            pbus.publish("flood", SEQ.pack(i) * 100)
+        pbus.flush()
+        assert len(drain(ok, 1.0)) == n  # the others are not held back
+        st = pbus.stats()
+        deliver = next(r for r in st["rings"] if r["direction"] == "deliver")
+        assert deliver["dropped"] > 0 and deliver["filled"] == 2
+        assert rsub.missed == 0  # (its GAP would come with the next message it reads)
