@@ -55,7 +55,8 @@ subscribe = []
 
 
 def start_daemon(workdir: Path, acl: bool = False) -> tuple[subprocess.Popen[bytes], Path]:
-    (workdir / "hostbus.toml").write_text(CONFIG + (ACL if acl else ""))
+    # Without rules, access is open (as root the socket is shared, whose default would be deny).
+    (workdir / "hostbus.toml").write_text(CONFIG + (ACL if acl else "[access]\ndefault = \"allow\"\n"))
     sock = workdir / "run" / "hostbus.sock"
     proc = subprocess.Popen(
         [sys.executable, "-m", "hostbusd", "--config", str(workdir / "hostbus.toml"), "--runtime-dir",

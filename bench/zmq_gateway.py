@@ -73,7 +73,9 @@ def publisher(xsub: str, count: int) -> None:
 def start_hostbusd(workdir: Path) -> tuple[subprocess.Popen[bytes], str, str]:
     (workdir / "c.toml").write_text('[zmq]\nenabled = true\nhwm = 100000\n'
                                     '[subscriptions]\nmax_queued_msgs = 100000000\nmax_queued_bytes = 536870912\n'
-                                    '[limits]\nmax_queued_bytes_per_connection = 536870912\n')
+                                    '[limits]\nmax_queued_bytes_per_connection = 536870912\n'
+                                    'max_queued_bytes_per_uid = 536870912\n'
+                                    '[access]\ndefault = "allow"\n')
     run = workdir / "run"
     proc = subprocess.Popen([sys.executable, "-m", "hostbusd", "--config", str(workdir / "c.toml"), "--runtime-dir",
                              str(run), "--state-dir", str(workdir / "state"), "--log-level", "warning",

@@ -258,3 +258,53 @@ def test_a_ring_subscriber_that_stops_reading_gets_its_overflow_policy(daemon: D
         deliver = next(r for r in st["rings"] if r["direction"] == "deliver")
         assert deliver["dropped"] > 0 and deliver["filled"] == 2
         assert rsub.missed == 0  # (its GAP would come with the next message it reads)
+
+
+def test_the_cli_publishes_and_subscribes_through_rings(daemon: Daemon, clean_shm: None) -> None:
+    from tests.integration.test_cli import cli, start_sub, wait_subscribed
+
+    sub = start_sub(daemon, "demo.>", "--shm", "--count", "3", "--timeout", "15")
+    wait_subscribed(daemon, 1)
+    assert cli(daemon, "pub", "--shm", "demo.hello", "hello, rings").returncode == 0
+    r = cli(daemon, "pub", "--shm", "--lines", "demo.lines", stdin="one\ntwo\n")
+    assert r.returncode == 0, r.stderr
+    out, err = sub.communicate(timeout=30)
+    assert sub.returncode == 0, err
+    assert out.splitlines() == ["demo.hello hello, rings", "demo.lines one", "demo.lines two"]
+    st = cli(daemon, "stats")
+    assert st.returncode == 0 and "ring" not in st.stdout  # every ring was given back
+
+
+async def _aio_rings(sock: str) -> list[bytes]:
+    from hostbus import aio
+
+    async with await aio.connect(sock) as bus:
+        rsub = await bus.subscribe("a.>", via="shm", ring_slots=4, ring_slot_size=4096)
+        async with await bus.shm_publisher(slots=4, slot_size=4096) as pub:
+            for i in range(5000):  # 4 slots of 4 KiB: the publisher waits for the broker many times
+                await pub.publish("a.x", str(i))
+            await pub.publish("a.big", b"z" * 50_000)
+            await pub.flush()
+        return [(await rsub.next(timeout=10)).data for _ in range(5001)]
+
+
+def test_asyncio_clients_publish_and_subscribe_through_rings(daemon: Daemon, clean_shm: None) -> None:
+    import asyncio
+
+    got = asyncio.run(_aio_rings(str(daemon.socket)))
+    assert got[:5000] == [str(i).encode() for i in range(5000)] and got[5000] == b"z" * 50_000
+
+
+def test_start_up_removes_semaphores_a_dead_hostbusd_left(start_daemon: Callable[..., Daemon]) -> None:
+    dead = next(p for p in range(4_000_000, 4_100_000) if not Path(f"/proc/{p}").exists())
+    stale = Path(f"/dev/shm/sem.hostbus.{dead}.0123456789abcdef.free")
+    alive = Path(f"/dev/shm/sem.hostbus.{os.getpid()}.0123456789abcdef.free")  # a live process's: kept
+    for p in (stale, alive):
+        p.write_bytes(b"\0" * 32)
+    try:
+        d = start_daemon()
+        assert not stale.exists() and alive.exists()
+        assert '"event": "stale_rings_removed"' in d.log()
+    finally:
+        for p in (stale, alive):
+            p.unlink(missing_ok=True)

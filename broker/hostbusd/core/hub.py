@@ -244,7 +244,7 @@ class Hub:
             "connections": len(self.sessions),
             "connections_total": self.connections_total,
             "connections_rejected": self.rejected_connections,
-            "subscriptions": sum(len(s.subs) for s in self.sessions),
+            "subscriptions": sum(len(s.subs) + len(s.ring_sids) for s in self.sessions),
             "queue_groups": len(r.groups),
             "retained": {"topics": len(r.retained), "bytes": r.retained.nbytes},
             "messages": {

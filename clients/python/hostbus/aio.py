@@ -18,11 +18,12 @@ from typing import Any
 from hostbus import paths, wire
 from hostbus._core import ClientCore, SubscriptionState, as_hostbus_error
 from hostbus.client import DEFAULT_CONTROL_TIMEOUT, DEFAULT_PENDING_LIMIT
-from hostbus.errors import ClosedError, ConnectionLostError, HostbusError
+from hostbus.errors import ClosedError, ConnectionLostError, HostbusError, RingClosedError
 from hostbus.errors import TimeoutError as HostbusTimeoutError
 from hostbus.message import Message
+from hostbus.shm import DeliverRing, RingWriter, fetch_fd
 
-__all__ = ["Bus", "Subscription", "connect"]
+__all__ = ["Bus", "ShmPublisher", "Subscription", "connect"]
 
 #: Bytes of frames gathered by publish() before they are handed to the transport at once.
 _WRITE_BATCH = 256 * 1024
@@ -143,9 +144,14 @@ class Bus:
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._closed = asyncio.Event()
         self.welcome: dict[str, Any] = {}
+        self.path = ""  # the socket's path: rings fetch their memory through it
+        self._deliver_ring: DeliverRing | None = None
+        self._ring_sids: set[int] = set()
+        self._rings: list[ShmPublisher | DeliverRing] = []
 
     async def _start(self, path: Path, timeout: float) -> None:
         loop = self._loop
+        self.path = str(path)
         try:
             transport, _ = await asyncio.wait_for(
                 loop.create_unix_connection(lambda: _Protocol(self), str(path)), timeout)
@@ -234,10 +240,19 @@ class Bus:
 
     async def subscribe(self, pattern: str, group: str | None = None, *, policy: str | None = None,
                         max_msgs: int | None = None, max_bytes: int | None = None,
-                        pending_limit: int = DEFAULT_PENDING_LIMIT) -> Subscription:
+                        pending_limit: int = DEFAULT_PENDING_LIMIT, via: str = "socket",
+                        ring_slots: int = 64, ring_slot_size: int = 256 * 1024) -> Subscription:
+        """See :meth:`hostbus.Bus.subscribe` (``via="shm"``: through this bus's deliver ring)."""
+        extra: dict[str, Any] = {}
+        if via == "shm":
+            extra = {"via": "shm", "ring": (await self._ensure_deliver_ring(ring_slots, ring_slot_size)).id}
+        elif via != "socket":
+            raise ValueError(f"via must be 'socket' or 'shm', not {via!r}")
         self._core.check()
         sid = next(self._core.ids)
-        frame = self._core.sub(sid, pattern, group, policy, max_msgs, max_bytes)
+        frame = self._core.sub(sid, pattern, group, policy, max_msgs, max_bytes, extra)
+        if extra:
+            self._ring_sids.add(sid)
         sub = Subscription(self, sid, pattern, group, pending_limit)
         fut: asyncio.Future[Any] = self._loop.create_future()
         self._core.sinks[sid] = sub
@@ -255,7 +270,37 @@ class Bus:
             raise
         return sub
 
+    async def _attach(self, direction: str, slots: int, slot_size: int) -> tuple[dict[str, Any], int]:
+        res = await self.call("ring_attach", direction=direction, slots=slots, slot_size=slot_size)
+        fd = await self._loop.run_in_executor(None, fetch_fd, self.path, str(res["token"]))
+        return res, fd
+
+    async def _ensure_deliver_ring(self, slots: int, slot_size: int) -> DeliverRing:
+        ring = self._deliver_ring
+        if ring is None or ring.closed is not None:
+            loop = self._loop
+            res, fd = await self._attach("deliver", slots, slot_size)
+            ring = self._deliver_ring = DeliverRing(
+                res, fd, self._core.check, self._core.sinks,
+                lambda sink, msgs: loop.call_soon_threadsafe(sink.push_many, msgs),
+                lambda sink, exc: loop.call_soon_threadsafe(sink.end, exc),
+                lambda sink, n: loop.call_soon_threadsafe(sink.gap, n))
+            ring.sids = self._ring_sids
+            await self.call("ring_ready", ring=ring.id)
+            ring.thread.start()
+            self._rings.append(ring)
+        return ring
+
+    async def shm_publisher(self, slots: int = 64, slot_size: int = 256 * 1024) -> ShmPublisher:
+        """See :meth:`hostbus.Bus.shm_publisher`; its methods are coroutines."""
+        res, fd = await self._attach("publish", slots, slot_size)
+        pub = ShmPublisher(self, RingWriter(res, fd, self._core.check))
+        await self.call("ring_ready", ring=pub.id)
+        self._rings.append(pub)
+        return pub
+
     def _unsubscribe(self, sub: Subscription) -> None:
+        self._ring_sids.discard(sub.sid)
         if self._core.sinks.pop(sub.sid, None) is not None and self._core.lost is None:
             self._send(wire.encode_u32(wire.FrameType.UNSUB, sub.sid))
 
@@ -278,6 +323,13 @@ class Bus:
         """Write what is buffered, then close. Subscriptions end with ClosedError."""
         if self._transport is None:
             return
+        rings, self._rings = self._rings, []
+        for ring in rings:  # publishers flush their last slot; the deliver ring's reader stops
+            with contextlib.suppress(HostbusError):
+                if isinstance(ring, ShmPublisher):
+                    await ring.close()
+                else:
+                    await self._loop.run_in_executor(None, ring.close)
         if not self._closing:
             self._write()
             self._closing = True
@@ -295,6 +347,59 @@ class Bus:
 
     async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,
                         tb: TracebackType | None) -> None:
+        await self.close()
+
+
+class ShmPublisher:
+    """Publishes through a shared-memory ring (see :class:`hostbus.shm.ShmPublisher`). A full
+    ring is waited for in a worker thread, so the event loop never blocks on a semaphore."""
+
+    def __init__(self, bus: Bus, ring: RingWriter) -> None:
+        self.bus = bus
+        self.ring = ring
+        self.id = ring.id
+
+    async def _put(self, slot: bytes) -> None:
+        if not self.ring.try_put(slot):
+            await self.bus._loop.run_in_executor(None, self.ring.put, slot)
+
+    async def publish(self, topic: str, data: bytes | bytearray | memoryview | str = b"",
+                      headers: dict[str, str] | None = None, retain: bool = False) -> None:
+        ring = self.ring
+        for slot in ring.slots_for(ring.record(topic, data, headers, retain)):
+            await self._put(slot)
+
+    async def flush(self, timeout: float | None = DEFAULT_CONTROL_TIMEOUT) -> None:
+        ring = self.ring
+        slot = ring.last_slot()
+        if slot:
+            await self._put(slot)
+        deadline = None if timeout is None else self.bus._loop.time() + timeout
+        while not ring.drained():
+            ring.check()
+            if ring.closed is not None:
+                raise RingClosedError(f"ring {ring.id} is closed") from ring.closed
+            if deadline is not None and self.bus._loop.time() > deadline:
+                raise HostbusTimeoutError(f"flush of ring {ring.id}: not routed within {timeout} s")
+            await asyncio.sleep(0.0005)
+        await self.bus.flush(timeout)
+
+    async def close(self) -> None:
+        ring = self.ring
+        if ring.closed is not None:
+            return
+        try:
+            if self.bus._core.lost is None:
+                await self.flush()
+                await self.bus.call("ring_close", ring=ring.id)
+        finally:
+            ring.closed = RingClosedError(f"ring {ring.id} was closed")
+            ring._release_local()
+
+    async def __aenter__(self) -> ShmPublisher:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
 

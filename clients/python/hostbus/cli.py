@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--lines", action="store_true", help="publish each line of stdin as a message")
     pub.add_argument("-H", "--header", action="append", default=[], metavar="K=V", help="a header (repeatable)")
     pub.add_argument("--retain", action="store_true", help="keep as the topic's retained message")
+    pub.add_argument("--shm", action="store_true",
+                     help="publish through a shared-memory ring instead of the socket (docs/shm.md)")
 
     s = sub.add_parser("sub", help="print messages", description="Print messages matching PATTERN...: "
                        "one line per message, 'TOPIC DATA' (a final newline of DATA is dropped and inner "
@@ -57,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit after S seconds (status 1 if --count messages did not all arrive)")
     s.add_argument("--json", action="store_true",
                    help="one JSON object per line: topic, data (text), headers, sender {uid, gid, pid}")
+    s.add_argument("--shm", action="store_true",
+                   help="receive through a shared-memory ring instead of the socket (docs/shm.md)")
 
     r = sub.add_parser("req", help="send a request, print the reply", description="Send DATA to TOPIC as a "
                        "request and print the reply's data.")
@@ -67,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("stats", help="print broker statistics",
                         description="Connections, subscriptions, messages in/out/dropped, FIFOs (messages, "
-                        "skipped or dropped by kind), per-topic counts.")
+                        "skipped or dropped by kind), shared-memory rings and their fill, per-topic counts.")
     st.add_argument("--json", action="store_true", help="print the statistics as JSON")
 
     w = sub.add_parser("whoami", help="print who the broker sees you as",
@@ -103,13 +107,16 @@ def cmd_whoami(args: argparse.Namespace) -> int:
 def cmd_pub(args: argparse.Namespace) -> int:
     headers = _headers(args.header) or None
     with connect(args.socket, name="hostbus-cli") as bus:
+        target: Any = bus.shm_publisher() if args.shm else bus
         if args.lines:
             for line in sys.stdin.buffer:
-                bus.publish(args.topic, line.rstrip(b"\n"), headers, args.retain)
+                target.publish(args.topic, line.rstrip(b"\n"), headers, args.retain)
         else:
             data = args.data.encode() if args.data is not None else sys.stdin.buffer.read()
-            bus.publish(args.topic, data, headers, args.retain)
-        bus.flush()
+            target.publish(args.topic, data, headers, args.retain)
+        target.flush()
+        if args.shm:
+            target.close()
     return 0
 
 
@@ -144,7 +151,7 @@ async def _sub(args: argparse.Namespace) -> int:
     failure: BaseException | None = None
     count = 0
     try:
-        subs = [await bus.subscribe(p, args.group) for p in args.patterns]
+        subs = [await bus.subscribe(p, args.group, via="shm" if args.shm else "socket") for p in args.patterns]
 
         async def pump(sub: aio.Subscription) -> None:
             try:
@@ -253,6 +260,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
         errors = ", ".join(f"{k} {v}" for k, v in sorted(z["errors"].items())) or "none"
         print(f"zmq {name}: in {z['in']}, out {z['out']}, dropped {z['dropped']}, skipped: {errors}, "
               f"prefixes {z['prefixes']}")
+    for r in st.get("rings", []):
+        flow = (f"{r['messages_in']} messages in, {r['slots_in']} slots" if r["direction"] == "publish" else
+                f"{r['messages_out']} messages out, {r['filled']}/{r['slots']} slots filled, dropped {r['dropped']}")
+        print(f"ring {r['direction']:<8}client {r['client']} (uid {r['uid']}): {r['slots']} x {r['slot_size']} bytes, "
+              f"{r['state']}, {flow}")
     if st["topics"]:
         print("topics:")
         width = max(len(t) for t in st["topics"])

@@ -25,7 +25,7 @@ from hostbus._core import ClientCore, SubscriptionState, as_hostbus_error
 from hostbus.errors import ClosedError, ConnectionLostError, HostbusError
 from hostbus.errors import TimeoutError as HostbusTimeoutError
 from hostbus.message import Message
-from hostbus.shm import DeliverRing, ShmPublisher
+from hostbus.shm import DeliverRing, ShmPublisher, attach
 
 #: Bytes of published frames buffered before publish() blocks.
 DEFAULT_MAX_BUFFER = 4 * 1024 * 1024
@@ -240,7 +240,13 @@ class Bus:
         with self._lock:
             ring = self._deliver_ring
             if ring is None or ring.closed is not None:
-                ring = self._deliver_ring = DeliverRing(self, slots, slot_size)
+                res, fd = attach(self, "deliver", slots, slot_size)
+                ring = self._deliver_ring = DeliverRing(
+                    res, fd, self._core.check, self._core.sinks, lambda sink, msgs: sink.push_many(msgs),
+                    lambda sink, exc: sink.end(exc), lambda sink, n: sink.gap(n))
+                ring.sids = self._ring_sids
+                self.call("ring_ready", ring=ring.id)
+                ring.thread.start()
                 self._rings.append(ring)
             return ring
 
@@ -252,6 +258,7 @@ class Bus:
         return pub
 
     def _unsubscribe(self, sub: Subscription) -> None:
+        self._ring_sids.discard(sub.sid)
         with self._lock:
             if self._core.sinks.pop(sub.sid, None) is None or self._core.lost is not None:
                 return

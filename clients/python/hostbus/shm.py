@@ -64,26 +64,24 @@ def fetch_fd(path: str, token: str, timeout: float = 10.0) -> int:
 
 
 class _Ring:
-    """What both kinds of ring share: attach, wait on a semaphore while watching the bus, close."""
+    """What both kinds of ring share: the mapping, the semaphores, waiting while watching the
+    connection (``check`` raises once it is lost), closing."""
 
-    def __init__(self, bus: Bus, direction: str, slots: int, slot_size: int) -> None:
+    def __init__(self, res: dict[str, Any], fd: int, check: Callable[[], None]) -> None:
         ipc = _posix_ipc()
-        self.bus = bus
         self._busy = ipc.BusyError
-        res = bus.call("ring_attach", direction=direction, slots=slots, slot_size=slot_size)
+        self.check = check
         self.id = int(res["ring"])
         self.slots = int(res["slots"])
         self.slot_size = int(res["slot_size"])
         self.max_message_bytes = int(res["max_message_bytes"])
         self.closed: BaseException | None = None
-        fd = fetch_fd(bus.path, str(res["token"]))
         try:
             self.mm = mmap.mmap(fd, self.slots * self.slot_size)
         finally:
             os.close(fd)
         self.free = ipc.Semaphore(res["free"])
         self.filled = ipc.Semaphore(res["filled"])
-        bus.call("ring_ready", ring=self.id)  # the broker removes the names now
         self.next = 0
 
     def _wait(self, sem: Any, closing: Callable[[], bool] | None = None) -> bool:
@@ -96,7 +94,7 @@ class _Ring:
                 sem.acquire(POLL_INTERVAL)
                 return True
             except self._busy:
-                self.bus._core.check()  # ConnectionLostError once the broker is gone
+                self.check()  # ConnectionLostError once the broker is gone
                 if closing is not None and closing():
                     return False
 
@@ -108,18 +106,22 @@ class _Ring:
             self.mm.close()
 
 
-class ShmPublisher(_Ring):
-    """Publishes through a ring: ``publish`` packs messages into the current slot, a full slot
-    is handed to the broker (one semaphore post for many messages), ``flush`` hands over the
-    last one. A message larger than a slot spans several. Not thread-safe: one per thread."""
+def attach(bus: Bus, direction: str, slots: int, slot_size: int) -> tuple[dict[str, Any], int]:
+    """Ask ``bus``'s broker for a ring; its answer and the segment's descriptor."""
+    res = bus.call("ring_attach", direction=direction, slots=slots, slot_size=slot_size)
+    return res, fetch_fd(bus.path, str(res["token"]))
 
-    def __init__(self, bus: Bus, slots: int, slot_size: int) -> None:
-        super().__init__(bus, "publish", slots, slot_size)
+
+class RingWriter(_Ring):
+    """The producer side of a publish ring (no I/O on the connection): records into slots."""
+
+    def __init__(self, res: dict[str, Any], fd: int, check: Callable[[], None]) -> None:
+        super().__init__(res, fd, check)
         self._filler = layout.SlotFiller(self.slot_size)
 
-    def publish(self, topic: str, data: bytes | bytearray | memoryview | str = b"",
-                headers: dict[str, str] | None = None, retain: bool = False) -> None:
-        """Queue one message in the ring (returns once it is in shared memory, maybe not yet posted)."""
+    def record(self, topic: str, data: bytes | bytearray | memoryview | str, headers: dict[str, str] | None,
+               retain: bool) -> bytes:
+        """A publish record, checked (MessageTooLargeError before anything is written)."""
         if isinstance(data, str):
             data = data.encode()
         topics.check_topic(topic)
@@ -129,45 +131,97 @@ class ShmPublisher(_Ring):
         if size > self.max_message_bytes:
             raise MessageTooLargeError(f"message of {size} bytes exceeds the ring's limit of "
                                        f"{self.max_message_bytes} (shm.max_message_bytes); nothing was written")
-        record = b"".join((layout.PUB_RECORD.pack(size, wire.PUB_RETAIN if retain else 0),
-                           wire.frames.MSG_BLOCK.pack(len(tb), 0, len(hb)), tb, hb, data))
-        for slot in self._filler.add(record):
-            self._put(slot)
+        return b"".join((layout.PUB_RECORD.pack(size, wire.PUB_RETAIN if retain else 0),
+                         wire.frames.MSG_BLOCK.pack(len(tb), 0, len(hb)), tb, hb, data))
 
-    def _put(self, slot: bytes) -> None:
+    def slots_for(self, record: bytes) -> list[bytes]:
+        return list(self._filler.add(record))
+
+    def last_slot(self) -> bytes:
+        return self._filler.take()
+
+    def try_put(self, slot: bytes) -> bool:
+        """Write ``slot`` if a slot is free now (False: the caller waits, then calls :meth:`put`)."""
+        try:
+            self.free.acquire(0)
+        except self._busy:
+            return False
+        self._write(slot)
+        return True
+
+    def put(self, slot: bytes) -> None:
+        """Write ``slot``, waiting for a free slot (ConnectionLostError if the broker goes)."""
         self._wait(self.free)
+        self._write(slot)
+
+    def _write(self, slot: bytes) -> None:
         off = (self.next % self.slots) * self.slot_size
         self.mm[off:off + len(slot)] = slot
         self.next += 1
         self.filled.release()
 
+    def drained(self) -> bool:
+        """Every slot is back: the broker has routed all that was posted."""
+        return bool(self.free.value >= self.slots)
+
+
+class ShmPublisher:
+    """Publishes through a ring: ``publish`` packs messages into the current slot, a full slot
+    is handed to the broker (one semaphore post for many messages), ``flush`` hands over the
+    last one. A message larger than a slot spans several. Not thread-safe: one per thread."""
+
+    def __init__(self, bus: Bus, slots: int, slot_size: int) -> None:
+        self.bus = bus
+        res, fd = attach(bus, "publish", slots, slot_size)
+        self.ring = RingWriter(res, fd, bus._core.check)
+        bus.call("ring_ready", ring=self.ring.id)  # the broker removes the names now
+        self.id = self.ring.id
+
+    @property
+    def next(self) -> int:
+        """Slots written so far."""
+        return self.ring.next
+
+    @property
+    def closed(self) -> BaseException | None:
+        return self.ring.closed
+
+    def publish(self, topic: str, data: bytes | bytearray | memoryview | str = b"",
+                headers: dict[str, str] | None = None, retain: bool = False) -> None:
+        """Put one message in the ring (returns once it is in shared memory, maybe not yet posted)."""
+        ring = self.ring
+        for slot in ring.slots_for(ring.record(topic, data, headers, retain)):
+            ring.put(slot)
+
     def flush(self, timeout: float | None = 10.0) -> None:
         """Hand the current slot to the broker, wait until it has routed every slot, and raise
         an error it reported about them (like :meth:`Bus.flush`)."""
-        slot = self._filler.take()
+        ring = self.ring
+        slot = ring.last_slot()
         if slot:
-            self._put(slot)
+            ring.put(slot)
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self.free.value < self.slots:  # the broker gives every slot back once it routed it
-            self.bus._core.check()
-            if self.closed is not None:
-                raise RingClosedError(f"ring {self.id} is closed") from self.closed
+        while not ring.drained():  # the broker gives every slot back once it routed it
+            ring.check()
+            if ring.closed is not None:
+                raise RingClosedError(f"ring {ring.id} is closed") from ring.closed
             if deadline is not None and time.monotonic() > deadline:
-                raise HostbusTimeoutError(f"flush of ring {self.id}: not routed within {timeout} s")
+                raise HostbusTimeoutError(f"flush of ring {ring.id}: not routed within {timeout} s")
             time.sleep(0.0005)
         self.bus.flush(timeout)
 
     def close(self) -> None:
         """Flush, then give the ring back (idempotent)."""
-        if self.closed is not None:
+        ring = self.ring
+        if ring.closed is not None:
             return
         try:
             if self.bus._core.lost is None:
                 self.flush()
-                self.bus.call("ring_close", ring=self.id)
+                self.bus.call("ring_close", ring=ring.id)
         finally:
-            self.closed = RingClosedError(f"ring {self.id} was closed")
-            self._release_local()
+            ring.closed = RingClosedError(f"ring {ring.id} was closed")
+            ring._release_local()
 
     def __enter__(self) -> ShmPublisher:
         return self
@@ -177,19 +231,29 @@ class ShmPublisher(_Ring):
 
 
 class DeliverRing(_Ring):
-    """The ring a bus's ``via="shm"`` subscriptions receive through, read by a thread of its own."""
+    """The ring a bus's ``via="shm"`` subscriptions receive through, read by a thread of its own.
 
-    def __init__(self, bus: Bus, slots: int, slot_size: int) -> None:
-        super().__init__(bus, "deliver", slots, slot_size)
+    ``sinks`` maps a subscription id to its subscription; ``push(sink, messages)`` and
+    ``end(sink, error)`` hand them over (the asyncio client passes them through its loop).
+    """
+
+    def __init__(self, res: dict[str, Any], fd: int, check: Callable[[], None], sinks: dict[int, Any],
+                 push: Callable[[Any, list[Message]], object], end: Callable[[Any, BaseException], object],
+                 gap: Callable[[Any, int], object]) -> None:
+        super().__init__(res, fd, check)
+        self.sinks = sinks
+        self.push = push
+        self.end = end
+        self.gap = gap
+        self.sids: set[int] = set()
         self._reader = layout.SlotReader(self.slot_size, self.max_message_bytes + 64)
         self._stop = False
         self.thread = threading.Thread(target=self._run, name="hostbus-ring-reader", daemon=True)
-        self.thread.start()
 
     def _run(self) -> None:
-        core = self.bus._core
         head = layout.SLOT_HEAD
         size = self.slot_size
+        fixed = layout.DELIVER_RECORD
         try:
             while self._wait(self.filled, lambda: self._stop):
                 off = (self.next % self.slots) * size
@@ -198,31 +262,31 @@ class DeliverRing(_Ring):
                 slot = self.mm[off:off + head.size + min(used, size - head.size)]
                 self.free.release()
                 batches: dict[int, list[Message]] = {}
-                for rec in self._reader.feed(slot, layout.DELIVER_RECORD):
-                    __, flags, sid, uid, gid, pid, olen = layout.DELIVER_RECORD.unpack_from(rec, 0)
-                    sink = core.sinks.get(sid)
+                for rec in self._reader.feed(slot, fixed):
+                    _, flags, sid, uid, gid, pid, olen = fixed.unpack_from(rec, 0)
                     if flags & layout.GAP_FLAG:
+                        sink = self.sinks.get(sid)
                         if sink is not None:
-                            sink.gap(uid)
+                            self.gap(sink, uid)
                         continue
-                    b0 = layout.DELIVER_RECORD.size + olen
-                    origin = rec[layout.DELIVER_RECORD.size:b0].decode(errors="replace")
+                    b0 = fixed.size + olen
+                    origin = rec[fixed.size:b0].decode(errors="replace")
                     topic, _, h0, h1 = wire.split_block(rec, b0)
                     headers = wire.decode_headers(rec[h0:h1]) if h1 > h0 else {}
                     msg = Message(topic, rec[h1:], headers, Sender(uid, gid, pid, origin), None, sid,
                                   bool(flags & wire.MSG_RETAINED))
                     batches.setdefault(sid, []).append(msg)
                 for sid, msgs in batches.items():
-                    sink = core.sinks.get(sid)
+                    sink = self.sinks.get(sid)
                     if sink is not None:
-                        sink.push_many(msgs)
+                        self.push(sink, msgs)
         except Exception as exc:
             self.closed = exc
-            for sid in list(self.bus._ring_sids):
-                sink = core.sinks.pop(sid, None)
+            error = exc if isinstance(exc, ConnectionLostError) else RingClosedError(f"ring {self.id} ended: {exc}")
+            for sid in list(self.sids):
+                sink = self.sinks.pop(sid, None)
                 if sink is not None:
-                    sink.end(exc if isinstance(exc, ConnectionLostError) else
-                             RingClosedError(f"ring {self.id} ended: {exc}"))
+                    self.end(sink, error)
 
     def close(self) -> None:
         self._stop = True
@@ -233,4 +297,4 @@ class DeliverRing(_Ring):
         self._release_local()
 
 
-__all__ = ["DeliverRing", "ShmPublisher", "fetch_fd"]
+__all__ = ["DeliverRing", "RingWriter", "ShmPublisher", "attach", "fetch_fd"]
