@@ -308,3 +308,24 @@ def test_start_up_removes_semaphores_a_dead_hostbusd_left(start_daemon: Callable
     finally:
         for p in (stale, alive):
             p.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("slot", [
+    b"\x09" + b"\0" * 7,  # an unknown slot kind
+    layout.SLOT_HEAD.pack(layout.BATCH, 0, 1, 4000) + b"\0" * 10,  # a record past the end of the slot
+    layout.SLOT_HEAD.pack(layout.BATCH, 0, 1, 16) + layout.PUB_RECORD.pack(11, 0) + b"\3\0\0\0\0\0\0\0a.",  # bad topic
+    layout.SLOT_HEAD.pack(layout.LAST, 0, 0, 4) + b"abcd",  # the end of a message that never began
+])
+def test_a_broken_slot_ends_that_ring_only(daemon: Daemon, slot: bytes, clean_shm: None) -> None:
+    with daemon.connect() as bus, daemon.connect() as other:
+        sub = other.subscribe("ok")
+        pub = bus.shm_publisher(slots=4, slot_size=4096)
+        pub.ring.put(slot)
+        with pytest.raises(hostbus.RingClosedError, match=f"ring {pub.id} ended"):
+            pub.flush(timeout=10)
+        with pytest.raises(hostbus.RingClosedError):
+            pub.publish("ok", b"more")
+        wait_for(lambda: bus.stats()["rings"] == [], what="the broken ring removed")
+        other.publish("ok", b"the broker goes on")
+        assert sub.next(timeout=5).data == b"the broker goes on"
+        pub.close()

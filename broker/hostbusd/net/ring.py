@@ -349,9 +349,11 @@ class Ring(LoopEgress):
         was = self.state
         self.close_ring()
         self.hub.peer_error("ring_failed", self.owner, ring=self.id, reason=reason)
-        ref = self.call_id if (call or was == "starting") else 0
-        self.owner.send(wire.encode_err(ErrorCode.RING_ENDED, ref,
-                                        f"ring {self.id} ended: {reason}", fatal=False))
+        if call or was == "starting":  # the client still waits for ring_attach's answer
+            self.owner.send(wire.encode_err(ErrorCode.INTERNAL, self.call_id, f"ring_attach: {reason}", fatal=False))
+        else:  # RING_ENDED's ref is the ring's id
+            self.owner.send(wire.encode_err(ErrorCode.RING_ENDED, self.id, f"ring {self.id} ended: {reason}",
+                                            fatal=False))
 
     def close_ring(self) -> None:
         if self.state == "closed":
@@ -439,7 +441,7 @@ class RingService:
         try:
             ring = Ring(self, session, ring_id, direction, slots, slot_size)
         except OSError as exc:
-            return refuse(f"cannot create the ring: {exc.strerror}", ErrorCode.RING_ENDED)
+            return refuse(f"cannot create the ring: {exc.strerror}", ErrorCode.INTERNAL)
         ring.call_id = call_id
         self.rings[ring_id] = ring
         session.rings[ring_id] = ring

@@ -97,6 +97,7 @@ class ClientCore:
         self.max_frame = wire.HANDSHAKE_MAX_FRAME
         self.senders: dict[int, Sender] = {}
         self.sinks: dict[int, Sink] = {}
+        self.rings: dict[int, Any] = {}  # ring id -> the shared-memory rings of this connection (hostbus.shm)
         self.sub_waiters: dict[int, Waiter] = {}
         self.pings: dict[int, Waiter] = {}
         self.calls: dict[int, Waiter] = {}
@@ -295,7 +296,11 @@ class ClientCore:
                 lost.__cause__ = exc
                 self.connection_lost(lost)
             return
-        if ref:
+        if code == ErrorCode.RING_ENDED:  # ref is the ring's id: its next wait raises RingClosedError
+            ring = self.rings.pop(ref, None)
+            if ring is not None:
+                ring.closed = exc
+        elif ref:
             waiter = self.sub_waiters.pop(ref, None)
             if waiter is not None:
                 self.sinks.pop(ref, None)

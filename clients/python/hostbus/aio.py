@@ -286,6 +286,7 @@ class Bus:
                 lambda sink, exc: loop.call_soon_threadsafe(sink.end, exc),
                 lambda sink, n: loop.call_soon_threadsafe(sink.gap, n))
             ring.sids = self._ring_sids
+            ring.register(self._core)
             await self.call("ring_ready", ring=ring.id)
             ring.thread.start()
             self._rings.append(ring)
@@ -295,6 +296,7 @@ class Bus:
         """See :meth:`hostbus.Bus.shm_publisher`; its methods are coroutines."""
         res, fd = await self._attach("publish", slots, slot_size)
         pub = ShmPublisher(self, RingWriter(res, fd, self._core.check))
+        pub.ring.register(self._core)
         await self.call("ring_ready", ring=pub.id)
         self._rings.append(pub)
         return pub
@@ -378,7 +380,7 @@ class ShmPublisher:
         while not ring.drained():
             ring.check()
             if ring.closed is not None:
-                raise RingClosedError(f"ring {ring.id} is closed") from ring.closed
+                raise ring.closed_error()
             if deadline is not None and self.bus._loop.time() > deadline:
                 raise HostbusTimeoutError(f"flush of ring {ring.id}: not routed within {timeout} s")
             await asyncio.sleep(0.0005)

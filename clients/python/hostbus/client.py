@@ -245,6 +245,7 @@ class Bus:
                     res, fd, self._core.check, self._core.sinks, lambda sink, msgs: sink.push_many(msgs),
                     lambda sink, exc: sink.end(exc), lambda sink, n: sink.gap(n))
                 ring.sids = self._ring_sids
+                ring.register(self._core)
                 self.call("ring_ready", ring=ring.id)
                 ring.thread.start()
                 self._rings.append(ring)

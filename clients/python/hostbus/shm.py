@@ -84,12 +84,22 @@ class _Ring:
         self.filled = ipc.Semaphore(res["filled"])
         self.next = 0
 
+    def closed_error(self) -> RingClosedError:
+        """The error to raise for a closed ring: the broker's own (saying why), else a new one."""
+        if isinstance(self.closed, RingClosedError):
+            return self.closed
+        return RingClosedError(f"ring {self.id} is closed: {self.closed}")
+
+    def register(self, core: Any) -> None:
+        """Let the connection mark this ring closed when the broker ends it (RING_ENDED)."""
+        core.rings[self.id] = self
+
     def _wait(self, sem: Any, closing: Callable[[], bool] | None = None) -> bool:
         """Take one post of ``sem``; False if ``closing()`` became true meanwhile. Raises if the
         ring or the connection ended."""
         while True:
             if self.closed is not None:
-                raise RingClosedError(f"ring {self.id} is closed") from self.closed
+                raise self.closed_error()
             try:
                 sem.acquire(POLL_INTERVAL)
                 return True
@@ -122,6 +132,8 @@ class RingWriter(_Ring):
     def record(self, topic: str, data: bytes | bytearray | memoryview | str, headers: dict[str, str] | None,
                retain: bool) -> bytes:
         """A publish record, checked (MessageTooLargeError before anything is written)."""
+        if self.closed is not None:
+            raise self.closed_error()
         if isinstance(data, str):
             data = data.encode()
         topics.check_topic(topic)
@@ -174,6 +186,7 @@ class ShmPublisher:
         self.bus = bus
         res, fd = attach(bus, "publish", slots, slot_size)
         self.ring = RingWriter(res, fd, bus._core.check)
+        self.ring.register(bus._core)
         bus.call("ring_ready", ring=self.ring.id)  # the broker removes the names now
         self.id = self.ring.id
 
@@ -204,7 +217,7 @@ class ShmPublisher:
         while not ring.drained():  # the broker gives every slot back once it routed it
             ring.check()
             if ring.closed is not None:
-                raise RingClosedError(f"ring {ring.id} is closed") from ring.closed
+                raise ring.closed_error()
             if deadline is not None and time.monotonic() > deadline:
                 raise HostbusTimeoutError(f"flush of ring {ring.id}: not routed within {timeout} s")
             time.sleep(0.0005)
