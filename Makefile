@@ -40,11 +40,12 @@ typecheck: $(STAMP)
 pytest: $(STAMP) test-tools
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-## bench: the benchmarks (not part of `make test`): socket 1 -> 1, FIFO ingress, ZeroMQ gateway
+## bench: the benchmarks (not part of `make test`): socket 1 -> 1, FIFO ingress, ZeroMQ gateway, rings
 bench: $(STAMP)
 	$(BIN)/python bench/pubsub_1to1.py --acl
 	$(BIN)/python bench/fifo_publish.py
 	$(BIN)/python bench/zmq_gateway.py
+	$(BIN)/python bench/shm_rings.py
 
 ## schema: regenerate config/hostbus.schema.json from the configuration models
 schema: $(STAMP)
@@ -72,7 +73,7 @@ install-systemd:
 	id -u hostbus >/dev/null 2>&1 || useradd --system --gid hostbus --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin hostbus
 	install -d -m 0755 /etc/hostbus $(PREFIX)/share/doc/hostbus
 	[ -e /etc/hostbus/hostbus.toml ] || install -m 0644 config/hostbus.toml /etc/hostbus/hostbus.toml
-	install -m 0644 docs/operations.md docs/security.md docs/fifo.md docs/zmq.md docs/protocol.md $(PREFIX)/share/doc/hostbus/
+	install -m 0644 docs/operations.md docs/security.md docs/shm.md docs/fifo.md docs/zmq.md docs/protocol.md $(PREFIX)/share/doc/hostbus/
 	install -m 0644 systemd/hostbus.socket systemd/hostbus.service $(UNITDIR)/
 	install -d -m 0755 $(UUNITDIR)
 	install -m 0644 systemd/user/hostbus.socket systemd/user/hostbus.service $(UUNITDIR)/
