@@ -41,6 +41,7 @@ from hostbus import wire
 from hostbus.errors import ErrorCode, HostbusError
 from hostbus.topics import show
 from hostbusd.core.identity import Identity
+from hostbusd.core.peer import TURN_BUDGET
 from hostbusd.core.router import SubscribeOptions
 from hostbusd.core.session import Session, Subscription
 from hostbusd.core.sink import RecordSession
@@ -140,6 +141,8 @@ class Ring(LoopEgress):
             os.close(self.fd)
             raise
         self.next = 0  # slots consumed (publish) or produced (deliver), counted from 0
+        self.unread = 0  # publish: slots reported filled and not yet read
+        self._turn_scheduled = False
         self.credits = 0  # deliver: free slots the helper reported and the broker has not filled
         self.pending = b""  # partial u32 counts from the helper
         self.slots_in = 0
@@ -248,23 +251,38 @@ class Ring(LoopEgress):
     # ---- publish ring ---------------------------------------------------------------------------------
 
     def _consume(self, n: int) -> None:
-        """Read ``n`` filled slots, route their messages, give the slots back."""
+        """``n`` more slots are filled: read them, a turn at a time."""
         if self.state != "running":  # posted before ring_ready: the client broke the protocol
             self.fail("slots were posted before ring_ready")
+            return
+        self.unread += n
+        if not self._turn_scheduled:
+            self._turn()
+
+    def _turn(self) -> None:
+        """Route the messages of filled slots, up to :data:`TURN_BUDGET` of them (whole slots),
+        give those slots back, and leave the rest for the next loop iteration: a ring takes
+        turns with the other peers like a socket does."""
+        self._turn_scheduled = False
+        if self.state != "running":
             return
         router = self.hub.router
         owner = self.owner
         mm = self.mm
         size = self.slot_size
         head = layout.SLOT_HEAD
+        done = 0
+        budget = TURN_BUDGET
         try:
-            for _ in range(n):
+            while done < self.unread and budget > 0:
                 off = (self.next % self.slots) * size
                 self.next += 1
+                done += 1
                 used = head.unpack_from(mm, off)[3]
                 slot = mm[off:off + head.size + min(used, size - head.size)]  # a copy: parse what was there
                 self.slots_in += 1
                 for rec in self.reader.feed(slot, layout.PUB_RECORD):
+                    budget -= 1
                     flags = rec[4]
                     block = rec[5:]
                     topic, _, h1 = router.check_block(block, flags)
@@ -281,15 +299,18 @@ class Ring(LoopEgress):
                     owner.bytes_in += len(block)
                     self.msgs_in += 1
                     try:
-                        router.publish(owner.ident, topic, block, flags & ~wire.PUB_REQUEST, "", len(block) - h1, owner)
+                        budget -= router.publish(owner.ident, topic, block, flags & ~wire.PUB_REQUEST, "",
+                                                 len(block) - h1, owner)
                     except HostbusError as exc:  # the retained store is full: tell, go on
                         owner.send(wire.encode_err(exc.code or ErrorCode.LIMIT, 0, str(exc), fatal=False))
         except (layout.RingFormatError, HostbusError) as exc:
             self.fail(f"ring {self.id}: {exc}")
             return
-        finally:
-            if self.state == "running":
-                self._tell(b"P" + U32.pack(n))
+        self.unread -= done
+        self._tell(b"P" + U32.pack(done))
+        if self.unread and self.state == "running":
+            self._turn_scheduled = True
+            self.loop.call_soon(self._turn)
 
     # ---- deliver ring ---------------------------------------------------------------------------------
 
