@@ -33,6 +33,7 @@ import socket
 import struct
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -268,9 +269,7 @@ class Ring(LoopEgress):
             return
         router = self.hub.router
         owner = self.owner
-        mm = self.mm
         size = self.slot_size
-        head = layout.SLOT_HEAD
         done = 0
         budget = TURN_BUDGET
         try:
@@ -278,13 +277,9 @@ class Ring(LoopEgress):
                 off = (self.next % self.slots) * size
                 self.next += 1
                 done += 1
-                used = head.unpack_from(mm, off)[3]
-                slot = mm[off:off + head.size + min(used, size - head.size)]  # a copy: parse what was there
                 self.slots_in += 1
-                for rec in self.reader.feed(slot, layout.PUB_RECORD):
+                for flags, block in self._records(off):
                     budget -= 1
-                    flags = rec[4]
-                    block = rec[5:]
                     topic, _, h1 = router.check_block(block, flags)
                     access = owner.access
                     if access is not None:
@@ -311,6 +306,38 @@ class Ring(LoopEgress):
         if self.unread and self.state == "running":
             self._turn_scheduled = True
             self.loop.call_soon(self._turn)
+
+    def _records(self, off: int) -> Iterator[tuple[int, bytes]]:
+        """(flags, message block) of each message the slot at ``off`` completes.
+
+        A batch slot is read in place: each block is copied out of the mapping once, and every
+        offset is checked against the slot's bounds, so a client rewriting the slot meanwhile
+        can only produce a block that fails its checks. Pieces of a larger message go through
+        :class:`SlotReader`, which copies the slot first.
+        """
+        mm = self.mm
+        kind, _, count, used = layout.SLOT_HEAD.unpack_from(mm, off)
+        if kind != layout.BATCH or self.reader.part is not None:
+            slot = mm[off:off + layout.SLOT_HEAD.size + min(used, self.slot_size - layout.SLOT_HEAD.size)]
+            for rec in self.reader.feed(slot, layout.PUB_RECORD):
+                yield rec[4], rec[5:]
+            return
+        pos = off + layout.SLOT_HEAD.size
+        end = pos + used
+        if used > self.slot_size - layout.SLOT_HEAD.size:
+            raise layout.RingFormatError(f"slot declares {used} bytes, more than it holds")
+        fixed = layout.PUB_RECORD
+        for _ in range(count):
+            if pos + fixed.size > end:
+                raise layout.RingFormatError("record head past the end of the slot")
+            blen, flags = fixed.unpack_from(mm, pos)
+            b0 = pos + fixed.size
+            pos = b0 + blen
+            if pos > end:
+                raise layout.RingFormatError("record past the end of the slot")
+            yield flags, mm[b0:pos]
+        if pos != end:
+            raise layout.RingFormatError(f"slot holds {end - pos} bytes after its {count} records")
 
     # ---- deliver ring ---------------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from hostbus import ring as layout
@@ -264,31 +264,14 @@ class DeliverRing(_Ring):
         self.thread = threading.Thread(target=self._run, name="hostbus-ring-reader", daemon=True)
 
     def _run(self) -> None:
-        head = layout.SLOT_HEAD
-        size = self.slot_size
-        fixed = layout.DELIVER_RECORD
         try:
             while self._wait(self.filled, lambda: self._stop):
-                off = (self.next % self.slots) * size
+                off = (self.next % self.slots) * self.slot_size
                 self.next += 1
-                used = head.unpack_from(self.mm, off)[3]
-                slot = self.mm[off:off + head.size + min(used, size - head.size)]
-                self.free.release()
                 batches: dict[int, list[Message]] = {}
-                for rec in self._reader.feed(slot, fixed):
-                    _, flags, sid, uid, gid, pid, olen = fixed.unpack_from(rec, 0)
-                    if flags & layout.GAP_FLAG:
-                        sink = self.sinks.get(sid)
-                        if sink is not None:
-                            self.gap(sink, uid)
-                        continue
-                    b0 = fixed.size + olen
-                    origin = rec[fixed.size:b0].decode(errors="replace")
-                    topic, _, h0, h1 = wire.split_block(rec, b0)
-                    headers = wire.decode_headers(rec[h0:h1]) if h1 > h0 else {}
-                    msg = Message(topic, rec[h1:], headers, Sender(uid, gid, pid, origin), None, sid,
-                                  bool(flags & wire.MSG_RETAINED))
-                    batches.setdefault(sid, []).append(msg)
+                for rec, start, end in self._records(off):  # read before the slot is given back
+                    self._message(rec, start, end, batches)
+                self.free.release()
                 for sid, msgs in batches.items():
                     sink = self.sinks.get(sid)
                     if sink is not None:
@@ -300,6 +283,48 @@ class DeliverRing(_Ring):
                 sink = self.sinks.pop(sid, None)
                 if sink is not None:
                     self.end(sink, error)
+
+    def _records(self, off: int) -> Iterator[tuple[Any, int, int]]:
+        """(buffer, start, end) of each record the slot at ``off`` completes: a batch slot is
+        read in place (each message's bytes are copied out once), pieces of a larger message
+        are gathered by the SlotReader."""
+        mm = self.mm
+        head = layout.SLOT_HEAD
+        kind, _, count, used = head.unpack_from(mm, off)
+        if used > self.slot_size - head.size:
+            raise layout.RingFormatError(f"slot declares {used} bytes, more than it holds")
+        if kind != layout.BATCH or self._reader.part is not None:
+            for rec in self._reader.feed(mm[off:off + head.size + used], layout.DELIVER_RECORD):
+                yield rec, 0, len(rec)
+            return
+        pos = off + head.size
+        end = pos + used
+        fixed = layout.DELIVER_RECORD
+        for _ in range(count):
+            if pos + fixed.size > end:
+                raise layout.RingFormatError("record head past the end of the slot")
+            blen, *_, olen = fixed.unpack_from(mm, pos)
+            rec_end = pos + fixed.size + olen + blen
+            if rec_end > end:
+                raise layout.RingFormatError("record past the end of the slot")
+            yield mm, pos, rec_end
+            pos = rec_end
+
+    def _message(self, buf: Any, start: int, end: int, batches: dict[int, list[Message]]) -> None:
+        fixed = layout.DELIVER_RECORD
+        _, flags, sid, uid, gid, pid, olen = fixed.unpack_from(buf, start)
+        if flags & layout.GAP_FLAG:
+            sink = self.sinks.get(sid)
+            if sink is not None:
+                self.gap(sink, uid)
+            return
+        b0 = start + fixed.size + olen
+        origin = buf[start + fixed.size:b0].decode(errors="replace") if olen else ""
+        topic, _, h0, h1 = wire.split_block(buf, b0)
+        headers = wire.decode_headers(buf[h0:h1]) if h1 > h0 else {}
+        msg = Message(topic, buf[h1:end], headers, Sender(uid, gid, pid, origin), None, sid,
+                      bool(flags & wire.MSG_RETAINED))
+        batches.setdefault(sid, []).append(msg)
 
     def close(self) -> None:
         self._stop = True
