@@ -13,8 +13,6 @@ import mmap
 import os
 import resource
 import signal
-import socket
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterator

@@ -102,16 +102,19 @@ class RingSession(RecordSession):
         raise NotImplementedError  # _write_msg builds the record: it needs the subscription
 
     def _write_msg(self, sub: Subscription, ident: Identity, block: bytes, flags: int) -> None:
+        """Two entries of ``out`` per record: its head (fixed part and origin), then the block
+        (written into the slot from where it is, not copied into a record first)."""
         q = sub.queue
+        out = self.out
         if q.missed:  # the client learns of drops as for the socket: a GAP record before the message
-            self.out.append(layout.DELIVER_RECORD.pack(0, layout.GAP_FLAG, sub.sid, min(q.missed, 0xFFFFFFFF),
-                                                       0, 0, 0))
+            out.append(layout.DELIVER_RECORD.pack(0, layout.GAP_FLAG, sub.sid, min(q.missed, 0xFFFFFFFF), 0, 0, 0))
+            out.append(b"")
             q.missed = 0
         origin = ident.origin.encode()
-        rec = layout.DELIVER_RECORD.pack(len(block), flags, sub.sid, ident.uid & 0xFFFFFFFF,
-                                         ident.gid & 0xFFFFFFFF, ident.pid & 0xFFFFFFFF, len(origin)) + origin + block
-        self.out.append(rec)
-        self.out_bytes += len(rec)
+        out.append(layout.DELIVER_RECORD.pack(len(block), flags, sub.sid, ident.uid & 0xFFFFFFFF,
+                                              ident.gid & 0xFFFFFFFF, ident.pid & 0xFFFFFFFF, len(origin)) + origin)
+        out.append(block)
+        self.out_bytes += len(block) + 64
         self.msgs_out += 1
 
 
@@ -145,12 +148,12 @@ class Ring(LoopEgress):
         self.unread = 0  # publish: slots reported filled and not yet read
         self._turn_scheduled = False
         self.credits = 0  # deliver: free slots the helper reported and the broker has not filled
-        self.pending = b""  # partial u32 counts from the helper
+        self.report = b""  # a partial u32 count from the helper
         self.slots_in = 0
         self.msgs_in = 0
         self.reader = layout.SlotReader(slot_size, service.config.max_message_bytes + 64)
-        self.filler = layout.SlotFiller(slot_size)
-        self.packed: collections.deque[bytes] = collections.deque()  # deliver: packed, waiting for a free slot
+        self.writer = layout.SlotWriter(self.mm, slots, slot_size)  # deliver
+        self.pending: collections.deque[tuple[bytes, bytes]] = collections.deque()  # deliver: waiting for slots
         self.session: RingSession | None = None
         self.deadline: asyncio.TimerHandle | None = None
         self.call_id = 0
@@ -187,9 +190,9 @@ class Ring(LoopEgress):
             self._offer()
             if self.state != "offered":
                 return
-        data = self.pending + data
+        data = self.report + data
         whole = len(data) // 4 * 4
-        self.pending = data[whole:]
+        self.report = data[whole:]
         n = sum(U32.unpack_from(data, i)[0] for i in range(0, whole, 4))
         if n:
             if self.direction == "publish":
@@ -342,42 +345,58 @@ class Ring(LoopEgress):
     # ---- deliver ring ---------------------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Pack what the ring session has for the client into free slots, post them.
+        """Write what the ring session has for the client into free slots, post them.
 
-        Slots packed while no slot is free wait in ``packed`` (at most what one write batch
-        makes); meanwhile the session counts as paused, so further messages wait in their
-        subscriptions' bounded queues under their overflow policies.
+        A record is written only when the slots it needs are free; until then it waits in
+        ``pending`` (at most one write batch) and the session counts as paused, so further
+        messages wait in their subscriptions' bounded queues under their overflow policies.
         """
         session = self.session
         if session is None or self.state != "running":
             return
         session.flush_pending = False
-        ready = self.packed
+        pending = self.pending
+        writer = self.writer
         posted = 0
         while True:
-            while ready and self.credits > 0:
-                self._put(ready.popleft())
-                posted += 1
-            if ready or self.credits <= 0:
+            if writer.span is not None:  # a message larger than a slot, as slots come free
+                k = writer.write_span(self.credits)
+                self.credits -= k
+                posted += k
+                if writer.span is not None:
+                    break
+            while pending:
+                head, block = pending[0]
+                n = len(head) + len(block)
+                if writer.fits(n):
+                    writer.add((head, block))
+                    pending.popleft()
+                    continue
+                if writer.finish():  # full: hand it over
+                    posted += 1
+                if n > writer.cap:
+                    writer.start_span((head, block))
+                    pending.popleft()
+                    break
+                if self.credits <= 0:
+                    break
+                self.credits -= 1
+                writer.add((head, block))
+                pending.popleft()
+            if writer.span is not None:
+                continue
+            if pending:
                 break
             out = session.take_output()
             if not out:
-                last = self.filler.take()  # what this loop iteration produced: post it now
-                if not last:
-                    break
-                ready.append(last)
-                continue
-            for rec in out:
-                ready.extend(self.filler.add(rec))
+                break
+            pending.extend(zip(out[::2], out[1::2], strict=True))
+        if writer.opened:  # what this loop iteration produced goes now
+            writer.finish()
+            posted += 1
         if posted:
             self._tell(b"P" + U32.pack(posted))
-        session.paused = self.credits <= 0 or bool(ready)
-
-    def _put(self, slot: bytes) -> None:
-        off = (self.next % self.slots) * self.slot_size
-        self.mm[off:off + len(slot)] = slot
-        self.next += 1
-        self.credits -= 1
+        session.paused = bool(pending) or writer.span is not None or self.credits <= 0
 
     def stop(self) -> None:
         self.close_ring()

@@ -361,21 +361,27 @@ class ShmPublisher:
         self.ring = ring
         self.id = ring.id
 
-    async def _put(self, slot: bytes) -> None:
-        if not self.ring.try_put(slot):
-            await self.bus._loop.run_in_executor(None, self.ring.put, slot)
+    async def _take(self) -> None:
+        if not self.ring.try_take():
+            await self.bus._loop.run_in_executor(None, self.ring.take)
 
     async def publish(self, topic: str, data: bytes | bytearray | memoryview | str = b"",
                       headers: dict[str, str] | None = None, retain: bool = False) -> None:
         ring = self.ring
-        for slot in ring.slots_for(ring.record(topic, data, headers, retain)):
-            await self._put(slot)
+        record = ring.record(topic, data, headers, retain)
+        need = ring.slots_to_take(record)
+        if ring.writer.span is None:
+            for _ in range(need):
+                await self._take()
+            ring.write(record, need)
+        else:
+            for _ in range(need):  # a record larger than a slot: one piece per free slot
+                await self._take()
+                ring.write(record, 1)
 
     async def flush(self, timeout: float | None = DEFAULT_CONTROL_TIMEOUT) -> None:
         ring = self.ring
-        slot = ring.last_slot()
-        if slot:
-            await self._put(slot)
+        ring.hand_over()
         deadline = None if timeout is None else self.bus._loop.time() + timeout
         while not ring.drained():
             ring.check()

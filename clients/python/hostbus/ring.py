@@ -23,7 +23,8 @@ message: its ``uid`` field is the number of messages the subscription missed (as
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 SLOT_HEAD = struct.Struct("<BBHI")
 BATCH, FIRST, MIDDLE, LAST = 1, 2, 3, 4
@@ -156,3 +157,89 @@ class SlotReader:
         if fixed is DELIVER_RECORD:
             return int(DELIVER_RECORD.unpack_from(buf, pos)[6])
         return 0
+
+
+class SlotWriter:
+    """Writes records straight into the slots of a ring's mapping (no intermediate buffer).
+
+    Small records go into the open slot one after the other; a record that does not fit opens
+    the next slot. A record larger than a slot is cut into FIRST/MIDDLE/LAST slots, written as
+    free slots come (:meth:`start_span`, then :meth:`write_span`), so it may be larger than the
+    whole ring. The caller owns the semaphores: a slot is opened or written only with a free
+    one in hand, and every finished slot is posted on ``filled``.
+    """
+
+    __slots__ = ("cap", "count", "mm", "next", "opened", "pos", "size", "slots", "span", "span_pos", "start")
+
+    def __init__(self, mm: Any, slots: int, slot_size: int) -> None:
+        self.mm = mm
+        self.slots = slots
+        self.size = slot_size
+        self.cap = slot_capacity(slot_size)
+        self.next = 0  # slots finished so far
+        self.opened = False
+        self.start = 0  # offset of the open slot
+        self.pos = 0  # where the next record goes in it
+        self.count = 0
+        self.span: memoryview | None = None  # a large record being cut into slots
+        self.span_pos = 0
+
+    def fits(self, n: int) -> bool:
+        """A record of ``n`` bytes fits in the open slot."""
+        return self.opened and self.pos + n <= self.start + SLOT_HEAD.size + self.cap and self.count < 0xFFFF
+
+    def add(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+        """Write one record of at most a slot's capacity: into the open slot if it fits (see
+        :meth:`fits`), else into a new slot (the caller finished the open one and holds a free
+        slot for this one)."""
+        if not self.fits(sum(len(p) for p in parts)):
+            self._open()
+        mm = self.mm
+        pos = self.pos
+        for p in parts:
+            mm[pos:pos + len(p)] = p
+            pos += len(p)
+        self.pos = pos
+        self.count += 1
+
+    def finish(self) -> bool:
+        """Close the open slot (write its head); True if there was one (the caller posts it)."""
+        if not self.opened:
+            return False
+        SLOT_HEAD.pack_into(self.mm, self.start, BATCH, 0, self.count, self.pos - self.start - SLOT_HEAD.size)
+        self.opened = False
+        self.next += 1
+        return True
+
+    def start_span(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+        """Begin a record larger than a slot (the open slot must be finished first)."""
+        data = b"".join((TOTAL.pack(sum(len(p) for p in parts)), *parts))
+        self.span = memoryview(data)
+        self.span_pos = 0
+
+    def write_span(self, free: int) -> int:
+        """Write up to ``free`` slots of the record being cut; returns how many (to post)."""
+        span = self.span
+        if span is None:
+            return 0
+        written = 0
+        cap = self.cap
+        mm = self.mm
+        while written < free and self.span_pos < len(span):
+            chunk = span[self.span_pos:self.span_pos + cap]
+            kind = FIRST if self.span_pos == 0 else LAST if self.span_pos + cap >= len(span) else MIDDLE
+            off = (self.next % self.slots) * self.size
+            SLOT_HEAD.pack_into(mm, off, kind, 0, 0, len(chunk))
+            mm[off + SLOT_HEAD.size:off + SLOT_HEAD.size + len(chunk)] = chunk
+            self.span_pos += len(chunk)
+            self.next += 1
+            written += 1
+        if self.span_pos >= len(span):
+            self.span = None
+        return written
+
+    def _open(self) -> None:
+        self.start = (self.next % self.slots) * self.size
+        self.pos = self.start + SLOT_HEAD.size
+        self.count = 0
+        self.opened = True

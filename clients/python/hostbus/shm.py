@@ -127,11 +127,17 @@ class RingWriter(_Ring):
 
     def __init__(self, res: dict[str, Any], fd: int, check: Callable[[], None]) -> None:
         super().__init__(res, fd, check)
-        self._filler = layout.SlotFiller(self.slot_size)
+        self.writer = layout.SlotWriter(self.mm, self.slots, self.slot_size)
+
+    @property
+    def written(self) -> int:
+        """Slots written and handed over so far."""
+        return self.writer.next
 
     def record(self, topic: str, data: bytes | bytearray | memoryview | str, headers: dict[str, str] | None,
-               retain: bool) -> bytes:
-        """A publish record, checked (MessageTooLargeError before anything is written)."""
+               retain: bool) -> tuple[bytes, bytes | bytearray | memoryview]:
+        """A publish record as (head, payload), checked: MessageTooLargeError before anything is
+        written. The payload is written into the slot from where it is."""
         if self.closed is not None:
             raise self.closed_error()
         if isinstance(data, str):
@@ -143,34 +149,49 @@ class RingWriter(_Ring):
         if size > self.max_message_bytes:
             raise MessageTooLargeError(f"message of {size} bytes exceeds the ring's limit of "
                                        f"{self.max_message_bytes} (shm.max_message_bytes); nothing was written")
-        return b"".join((layout.PUB_RECORD.pack(size, wire.PUB_RETAIN if retain else 0),
-                         wire.frames.MSG_BLOCK.pack(len(tb), 0, len(hb)), tb, hb, data))
+        head = b"".join((layout.PUB_RECORD.pack(size, wire.PUB_RETAIN if retain else 0),
+                         wire.frames.MSG_BLOCK.pack(len(tb), 0, len(hb)), tb, hb))
+        return head, data
 
-    def slots_for(self, record: bytes) -> list[bytes]:
-        return list(self._filler.add(record))
+    def slots_to_take(self, record: tuple[bytes, Any]) -> int:
+        """Before writing ``record``: hand over the open slot if the record does not fit in it;
+        how many free slots to take (0, 1, or the pieces of a record larger than a slot)."""
+        w = self.writer
+        n = len(record[0]) + len(record[1])
+        if w.fits(n):
+            return 0
+        if w.finish():
+            self.filled.release()
+        if n <= w.cap:
+            return 1
+        w.start_span(record)
+        return -(-(n + layout.TOTAL.size) // w.cap)
 
-    def last_slot(self) -> bytes:
-        return self._filler.take()
+    def write(self, record: tuple[bytes, Any], taken: int) -> None:
+        """Write ``record`` once :meth:`slots_to_take` free slots are in hand (a large record's
+        pieces may be written one taken slot at a time: call with ``taken=1`` per slot)."""
+        w = self.writer
+        if w.span is not None:
+            for _ in range(w.write_span(taken)):
+                self.filled.release()
+        else:
+            w.add(record)
 
-    def try_put(self, slot: bytes) -> bool:
-        """Write ``slot`` if a slot is free now (False: the caller waits, then calls :meth:`put`)."""
+    def take(self) -> None:
+        """Take a free slot, waiting (ConnectionLostError if the broker goes meanwhile)."""
+        self._wait(self.free)
+
+    def try_take(self) -> bool:
         try:
             self.free.acquire(0)
         except self._busy:
             return False
-        self._write(slot)
         return True
 
-    def put(self, slot: bytes) -> None:
-        """Write ``slot``, waiting for a free slot (ConnectionLostError if the broker goes)."""
-        self._wait(self.free)
-        self._write(slot)
-
-    def _write(self, slot: bytes) -> None:
-        off = (self.next % self.slots) * self.slot_size
-        self.mm[off:off + len(slot)] = slot
-        self.next += 1
-        self.filled.release()
+    def hand_over(self) -> None:
+        """Post the open slot, full or not."""
+        if self.writer.finish():
+            self.filled.release()
 
     def drained(self) -> bool:
         """Every slot is back: the broker has routed all that was posted."""
@@ -192,8 +213,8 @@ class ShmPublisher:
 
     @property
     def next(self) -> int:
-        """Slots written so far."""
-        return self.ring.next
+        """Slots written and handed to the broker so far."""
+        return self.ring.written
 
     @property
     def closed(self) -> BaseException | None:
@@ -203,16 +224,22 @@ class ShmPublisher:
                 headers: dict[str, str] | None = None, retain: bool = False) -> None:
         """Put one message in the ring (returns once it is in shared memory, maybe not yet posted)."""
         ring = self.ring
-        for slot in ring.slots_for(ring.record(topic, data, headers, retain)):
-            ring.put(slot)
+        record = ring.record(topic, data, headers, retain)
+        need = ring.slots_to_take(record)
+        if ring.writer.span is None:
+            for _ in range(need):
+                ring.take()
+            ring.write(record, need)
+        else:
+            for _ in range(need):  # a record larger than a slot: one piece per free slot
+                ring.take()
+                ring.write(record, 1)
 
     def flush(self, timeout: float | None = 10.0) -> None:
         """Hand the current slot to the broker, wait until it has routed every slot, and raise
         an error it reported about them (like :meth:`Bus.flush`)."""
         ring = self.ring
-        slot = ring.last_slot()
-        if slot:
-            ring.put(slot)
+        ring.hand_over()
         deadline = None if timeout is None else time.monotonic() + timeout
         while not ring.drained():  # the broker gives every slot back once it routed it
             ring.check()
