@@ -114,6 +114,16 @@ def batch(records: list[bytes]) -> bytes:
     return layout.SLOT_HEAD.pack(layout.BATCH, 0, len(records), len(body)) + body
 
 
+def put_raw(pub: Any, index: int, slot: bytes) -> None:
+    """Write ``slot`` as slot ``index`` of a ShmPublisher's ring by hand and post it (as a broken
+    or hostile client would; the publisher's own writer is bypassed)."""
+    ring = pub.ring
+    ring.take()
+    off = index * ring.slot_size
+    ring.mm[off:off + len(slot)] = slot
+    ring.filled.release()
+
+
 def helpers_of(daemon: Daemon) -> list[int]:
     """Pids of the ring helpers the daemon started (its children running hostbusd.ringhelper)."""
     out = []
@@ -132,6 +142,8 @@ def stopped(daemon: Daemon) -> Iterator[None]:
     """The daemon stopped (SIGSTOP) inside the block: what happens meanwhile waits for one turn."""
     os.kill(daemon.pid, signal.SIGSTOP)
     try:
+        wait_for(lambda: Path(f"/proc/{daemon.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T",
+                 what="the daemon stopped")
         yield
     finally:
         os.kill(daemon.pid, signal.SIGCONT)
@@ -158,8 +170,8 @@ def open_fds(pid: int) -> int:
 def test_a_message_cut_across_slots_shorter_than_a_record_head_does_not_kill_the_daemon(daemon: Daemon) -> None:
     with daemon.connect() as bus:
         pub = bus.shm_publisher(slots=4, slot_size=4096)
-        pub.ring.put(layout.SLOT_HEAD.pack(layout.FIRST, 0, 0, 4) + layout.TOTAL.pack(2))  # a 2-byte record
-        pub.ring.put(layout.SLOT_HEAD.pack(layout.LAST, 0, 0, 2) + b"ab")  # ... whole: then its 5-byte head is read
+        put_raw(pub, 0, layout.SLOT_HEAD.pack(layout.FIRST, 0, 0, 4) + layout.TOTAL.pack(2))  # a 2-byte record
+        put_raw(pub, 1, layout.SLOT_HEAD.pack(layout.LAST, 0, 0, 2) + b"ab")  # whole: then its 5-byte head is read
         with contextlib.suppress(hostbus.HostbusError):
             pub.flush(timeout=2)
     alive(daemon)
@@ -191,17 +203,12 @@ def test_ring_ready_after_the_helper_died_does_not_revive_a_closed_ring(daemon: 
 # ---- 2. the ring's owner fails while its slots are routed ------------------------------------------------
 
 
-def test_an_owner_failing_in_the_middle_of_a_batch_of_slots_does_not_kill_the_daemon(daemon: Daemon) -> None:
+def test_an_owner_failing_in_the_middle_of_a_slot_does_not_kill_the_daemon(daemon: Daemon) -> None:
     raw = RawClient(daemon.socket)  # reads nothing from here on: its queue overflows
     sub(raw, 1, pattern="t", policy="disconnect", max_msgs=1)
     ring = RawRing(raw, daemon.socket, "publish", 2, 1 << 20)
-    slot = batch([pub_record("t", b"m" * 4000)] * 250)  # 1 MB of messages to its own subscription
-    ring.write(0, slot)
-    ring.write(1, slot)
-    with stopped(daemon):  # both posts reach the broker in one report
-        ring.filled.release()
-        ring.filled.release()
-        time.sleep(0.2)
+    ring.write(0, batch([pub_record("t", b"m" * 4000)] * 250))  # 1 MB of messages to its own subscription
+    ring.filled.release()  # one slot, as any publisher posts it
     time.sleep(0.5)
     alive(daemon)
 
@@ -225,7 +232,7 @@ def test_a_ring_cannot_aim_a_reply_at_a_topic_its_owner_may_not_publish(
             with pytest.raises(hostbus.PermissionDeniedError, match="may not ask for replies on"):
                 bus.flush()
             pub = bus.shm_publisher(slots=4, slot_size=4096)
-            pub.ring.put(batch([pub_record("svc", b"through the ring", reply="secret.x")]))
+            put_raw(pub, 0, batch([pub_record("svc", b"through the ring", reply="secret.x")]))
             with contextlib.suppress(hostbus.HostbusError):
                 pub.flush(timeout=5)
 
@@ -294,8 +301,11 @@ def test_a_message_dropped_while_the_ring_is_full_is_reported_as_a_gap_not_garba
         ring._stop = False  # it reads again
         ring.thread = threading.Thread(target=ring._run, daemon=True)
         ring.thread.start()
-        pbus.publish("g", b"4")
-        pbus.flush()
+        time.sleep(0.3)  # the two slots are read and given back: the broker writes what it owes
+        with contextlib.suppress(hostbus.HostbusError):
+            pbus.publish("g", b"4")
+            pbus.flush()
+        alive(daemon)
         got = [m.data for m in drain(rsub, 0.5)]
         assert got == [b"1", b"2", b"4"] and rsub.missed == 1
 
@@ -365,7 +375,8 @@ def test_a_stalled_ring_subscription_is_held_to_the_uids_queued_bytes_bound(
 
 
 def test_new_access_rules_end_a_ring_subscription_they_no_longer_allow(start_daemon: Callable[..., Daemon]) -> None:
-    config: dict[str, Any] = {"access": {"default": "allow"}, "acl": [{"topic": "secret.>", "subscribe": ["uid:0"]}]}
+    me = f"uid:{os.getuid()}"
+    config: dict[str, Any] = {"access": {"default": "allow"}, "acl": [{"topic": "secret.>", "subscribe": [me]}]}
     d = start_daemon(config)
     with d.connect("sub") as bus, d.connect("pub") as pbus:
         by_socket = bus.subscribe("secret.>")
@@ -376,9 +387,11 @@ def test_new_access_rules_end_a_ring_subscription_they_no_longer_allow(start_dae
         wait_for(lambda: d.log().count('"event": "reloaded"') > before, what="the reload")
         with pytest.raises(hostbus.PermissionDeniedError):
             by_socket.next(timeout=5)  # ended by the new rules
+        with pytest.raises(hostbus.PermissionDeniedError, match="ended by new access rules"):
+            by_ring.next(timeout=5)  # ended the same way, told on the connection
         pbus.publish("secret.plans", b"nobody may read this now")
         pbus.flush()
-        assert [m.data for m in drain(by_ring, 0.5)] == []
+        assert bus.stats()["subscriptions"] == 0
 
 
 # ---- 6. what is left behind ------------------------------------------------------------------------------
@@ -400,6 +413,10 @@ def test_a_helper_that_dies_before_ring_ready_leaves_no_names_in_dev_shm(daemon:
                 Path("/dev/shm", name).unlink(missing_ok=True)
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "KNOWN LIMIT (docs/shm.md, 'A limit'): the ACL gives the client read-write on the semaphore files, so it may hard-link them: a "
+    "file of the broker's stays in /dev/shm after the ring, the client and the helper are gone"
+))
 @pytest.mark.needs_root
 def test_another_uid_cannot_keep_a_rings_semaphore_file_alive_under_a_name_of_its_own(
         start_daemon: Callable[..., Daemon], workdir: Path) -> None:
@@ -469,16 +486,19 @@ def test_helper_processes_are_bounded_like_the_rings_they_serve(start_daemon: Ca
 
 def test_a_ring_message_reaches_socket_subscribers_only_within_the_frame_limit(
         start_daemon: Callable[..., Daemon]) -> None:
-    d = start_daemon({"limits": {"max_frame_bytes": 65536}})
+    with pytest.raises(RuntimeError, match=r"shm\.max_message_bytes .* exceeds limits\.max_frame_bytes"):
+        start_daemon({"limits": {"max_frame_bytes": 65536}})  # a ring limit above the frame limit is refused
+    d = start_daemon({"limits": {"max_frame_bytes": 65536}, "shm": {"max_message_bytes": 65536}}, subdir="ok")
     raw = RawClient(d.socket)  # the protocol: a client must accept frames of max_frame_bytes + 12
     sub(raw, 1, pattern="big")
     with d.connect() as bus, bus.shm_publisher(slots=4, slot_size=4096) as pub:
-        pub.publish("big", b"x" * 200_000)  # within shm.max_message_bytes (64 MiB)
-        with contextlib.suppress(hostbus.HostbusError):
-            pub.flush(timeout=5)
+        with pytest.raises(hostbus.MessageTooLargeError):
+            pub.publish("big", b"x" * 200_000)
+        pub.publish("big", b"x" * 60_000)
+        pub.flush(timeout=5)
     frame = raw.read_until(wire.FrameType.MSG, timeout=2)
     size = len(frame.body) if frame is not None else 0
-    assert size <= 65536 + 12, f"a MSG frame of {size} bytes"
+    assert 60_000 < size <= 65536 + 12, f"a MSG frame of {size} bytes"
 
 
 def children(pid: int) -> list[tuple[int, str]]:
@@ -544,3 +564,26 @@ def test_a_busy_asyncio_client_does_not_take_in_an_unbounded_backlog_from_its_ri
     # ring's reader thread takes while the loop is busy must be bounded too (it waits, the broker
     # applies the policy): not one callback per slot for everything published.
     assert waiting < 100, f"{waiting} push callbacks queued on the loop"
+
+
+async def _cancelled_publish(daemon: Daemon) -> None:
+    import asyncio
+
+    from hostbus import aio
+
+    async with await aio.connect(str(daemon.socket)) as bus:
+        pub = await bus.shm_publisher(slots=2, slot_size=4096)
+        with stopped(daemon):  # nothing is given back meanwhile: the third message waits for a slot
+            await pub.publish("c", b"1" * 3000)
+            await pub.publish("c", b"2" * 3000)
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(pub.publish("c", b"3" * 3000), 0.3)  # the caller gives up on it
+        await asyncio.sleep(0.5)
+        bus._rings.remove(pub)  # (closing the bus would wait for the same flush for 10 s)
+        await pub.flush(timeout=2)  # every slot comes back once the broker has routed them
+
+
+def test_a_cancelled_asyncio_publish_does_not_keep_a_slot_of_the_ring(daemon: Daemon) -> None:
+    import asyncio
+
+    asyncio.run(_cancelled_publish(daemon))

@@ -82,6 +82,8 @@ class Hub:
             if session.principals is not None:
                 session.access = self.policy.access(session.principals)
                 self._recheck_subscriptions(session)
+            if session.ring_sids:
+                self._recheck_ring_subscriptions(session)
         router.retained.max_topics = config.retained.max_topics
         router.retained.max_bytes = config.retained.max_bytes
         router.retained.max_topics_per_uid = config.retained.max_topics_per_uid
@@ -106,6 +108,28 @@ class Hub:
                 self.peer_error("subscription_ended", session, sid=sid, pattern=sub.pattern, reason=str(exc))
                 session.send(wire.encode_err(ErrorCode.PERMISSION_DENIED, sid,
                                              f"subscription ended by new access rules: {exc}", fatal=False))
+
+    def _recheck_ring_subscriptions(self, session: Session) -> None:
+        """Subscriptions delivered through the session's rings: the same rules, told on its socket."""
+        for sid, ring in list(session.ring_sids.items()):
+            rsession = ring.session
+            sub = rsession.subs.get(sid) if rsession is not None else None
+            if sub is None:
+                continue
+            rsession.access = session.access
+            rsession.account_max_queued = session.account_max_queued
+            try:
+                sub.acl = self.router.subscribe_filter(session, sub.pattern, None)
+            except PermissionDeniedError as exc:
+                self.router.unsubscribe(rsession, sid)
+                del session.ring_sids[sid]
+                self.denied["ended"] += 1
+                self.peer_error("subscription_ended", session, sid=sid, pattern=sub.pattern, reason=str(exc))
+                session.send(wire.encode_err(ErrorCode.PERMISSION_DENIED, sid,
+                                             f"subscription ended by new access rules: {exc}", fatal=False))
+
+    def _ring_sessions(self) -> list[Session]:
+        return [r.session for s in self.sessions for r in s.rings.values() if r.session is not None]
 
     def account(self, uid: int) -> Account:
         acct = self.accounts.get(uid)
@@ -221,7 +245,7 @@ class Hub:
         may subscribe to, and only its own uid's holdings."""
         r = self.router
         st = r.stats
-        live = [*self.sessions, *self._sink_sessions()]  # FIFO sinks are subscribers too
+        live = [*self.sessions, *self._sink_sessions(), *self._ring_sessions()]  # sinks and rings are subscribers too
         msgs_out = self.closed_totals["msgs_out"] + sum(s.msgs_out for s in live)
         bytes_out = self.closed_totals["bytes_out"] + sum(s.bytes_out for s in live)
         dropped = self.closed_totals["dropped"] + sum(s.dropped for s in live)

@@ -224,6 +224,12 @@ class Session:
         if self.account is not None:
             self.account.written_bytes += n
 
+    def _emit_gap(self, sub: Subscription) -> None:
+        """Tell the subscriber how many messages its subscription missed (a GAP frame)."""
+        q = sub.queue
+        self._append(wire.encode_gap(sub.sid, q.missed))
+        q.missed = 0
+
     def _append(self, frame: bytes) -> None:
         self.out.append(frame)
         self.out_bytes += len(frame)
@@ -264,8 +270,7 @@ class Session:
                 self._unqueue(len(block))
                 self._write_msg(sub, ident, block, flags)
             elif q.missed:
-                self._append(wire.encode_gap(sub.sid, q.missed))
-                q.missed = 0
+                self._emit_gap(sub)
             if q.items or q.missed:
                 backlog.rotate(-1)
             else:

@@ -101,21 +101,38 @@ class RingSession(RecordSession):
     def record(self, ident: Identity, block: bytes) -> bytes:
         raise NotImplementedError  # _write_msg builds the record: it needs the subscription
 
+    def deliver(self, sub: Subscription, ident: Identity, block: bytes, flags: int = 0) -> None:
+        # Each subscription gets its own record, as on a socket (no once-per-message dedupe).
+        Session.deliver(self, sub, ident, block, flags)
+
+    def send(self, data: bytes) -> None:
+        raise AssertionError("a ring carries messages only; control frames go to the owner's connection")
+
+    def _emit_gap(self, sub: Subscription) -> None:
+        """The client learns of drops as on a socket: a GAP record."""
+        q = sub.queue
+        self._out_pair(layout.DELIVER_RECORD.pack(0, layout.GAP_FLAG, sub.sid, min(q.missed, 0xFFFFFFFF), 0, 0, 0),
+                       b"")
+        q.missed = 0
+
     def _write_msg(self, sub: Subscription, ident: Identity, block: bytes, flags: int) -> None:
         """Two entries of ``out`` per record: its head (fixed part and origin), then the block
         (written into the slot from where it is, not copied into a record first)."""
-        q = sub.queue
-        out = self.out
-        if q.missed:  # the client learns of drops as for the socket: a GAP record before the message
-            out.append(layout.DELIVER_RECORD.pack(0, layout.GAP_FLAG, sub.sid, min(q.missed, 0xFFFFFFFF), 0, 0, 0))
-            out.append(b"")
-            q.missed = 0
+        if sub.queue.missed:
+            self._emit_gap(sub)
         origin = ident.origin.encode()
-        out.append(layout.DELIVER_RECORD.pack(len(block), flags, sub.sid, ident.uid & 0xFFFFFFFF,
-                                              ident.gid & 0xFFFFFFFF, ident.pid & 0xFFFFFFFF, len(origin)) + origin)
-        out.append(block)
-        self.out_bytes += len(block) + 64
+        self._out_pair(layout.DELIVER_RECORD.pack(len(block), flags, sub.sid, ident.uid & 0xFFFFFFFF,
+                                                  ident.gid & 0xFFFFFFFF, ident.pid & 0xFFFFFFFF, len(origin)) + origin,
+                       block)
         self.msgs_out += 1
+
+    def _out_pair(self, head: bytes, block: bytes) -> None:
+        self.out.append(head)
+        self.out.append(block)
+        n = len(head) + len(block)
+        self.out_bytes += n
+        if self.account is not None:
+            self.account.written_bytes += n
 
 
 class Ring(LoopEgress):
@@ -160,10 +177,15 @@ class Ring(LoopEgress):
         # publish: the helper waits on "filled" (client's posts) and posts "free"; deliver: the reverse.
         wait, post = ("filled", "free") if direction == "publish" else ("free", "filled")
         initial = {"free": slots, "filled": 0}
-        self.helper = subprocess.Popen(
-            [sys.executable, "-m", "hostbusd.ringhelper", self.names[wait], self.names[post], str(initial[wait]),
-             str(initial[post])],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+        try:
+            self.helper = subprocess.Popen(
+                [sys.executable, "-m", "hostbusd.ringhelper", self.names[wait], self.names[post], str(initial[wait]),
+                 str(initial[post])],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+        except OSError:
+            self.mm.close()
+            os.close(self.fd)
+            raise
         assert self.helper.stdout is not None and self.helper.stdin is not None
         self.out_fd = self.helper.stdout.fileno()
         self.in_fd = self.helper.stdin.fileno()
@@ -239,15 +261,21 @@ class Ring(LoopEgress):
             self.deadline.cancel()
         self.service.offers.pop(self.token, None)
         self._tell(b"U")
+        if self.state == "closed":  # the helper is gone: fail() has told the client
+            return
         self.state = "running"
         if self.direction == "deliver":
             hub = self.hub
             lim = hub.config.limits
-            self.session = RingSession(self.owner.ident, batch_bytes=self.slot_size,
+            owner = self.owner
+            self.session = RingSession(owner.ident, batch_bytes=self.slot_size,
                                        max_queued_bytes=lim.max_queued_bytes_per_connection)
             self.session.egress = self
-            self.session.access = self.owner.access
-            self.session.principals = self.owner.principals
+            self.session.access = owner.access
+            self.session.principals = owner.principals
+            # Charged to the owner's uid like its socket subscriptions: subscriptions and bytes held.
+            self.session.account = owner.account
+            self.session.account_max_queued = owner.account_max_queued
             self.session.paused = self.credits == 0
             if self.credits:
                 self.flush()
@@ -276,14 +304,18 @@ class Ring(LoopEgress):
         done = 0
         budget = TURN_BUDGET
         try:
-            while done < self.unread and budget > 0:
+            while done < self.unread and budget > 0 and self.state == "running":
                 off = (self.next % self.slots) * size
                 self.next += 1
                 done += 1
                 self.slots_in += 1
                 for flags, block in self._records(off):
+                    if self.state != "running":  # routing made the owner fail: the ring is gone
+                        return
                     budget -= 1
-                    topic, _, h1 = router.check_block(block, flags)
+                    topic, reply, h1 = router.check_block(block, flags)
+                    if reply:
+                        raise layout.RingFormatError("a message through a ring carries no reply subject")
                     access = owner.access
                     if access is not None:
                         decision = access.publish(topic)
@@ -301,8 +333,10 @@ class Ring(LoopEgress):
                                                  len(block) - h1, owner)
                     except HostbusError as exc:  # the retained store is full: tell, go on
                         owner.send(wire.encode_err(exc.code or ErrorCode.LIMIT, 0, str(exc), fatal=False))
-        except (layout.RingFormatError, HostbusError) as exc:
+        except (layout.RingFormatError, HostbusError, struct.error, ValueError) as exc:
             self.fail(f"ring {self.id}: {exc}")
+            return
+        if self.state != "running":
             return
         self.unread -= done
         self._tell(b"P" + U32.pack(done))
@@ -399,7 +433,9 @@ class Ring(LoopEgress):
         session.paused = bool(pending) or writer.span is not None or self.credits <= 0
 
     def stop(self) -> None:
-        self.close_ring()
+        """The ring session failed (a 'disconnect' overflow): end the ring and say why."""
+        self.fail("a subscription through this ring overflowed its queue under the 'disconnect' policy "
+                  "while the ring was full")
 
     # ---- ending ---------------------------------------------------------------------------------------
 
@@ -432,20 +468,35 @@ class Ring(LoopEgress):
         self.service.rings.pop(self.id, None)
         with contextlib.suppress(Exception):
             self.loop.remove_reader(self.out_fd)
+        owner = self.owner
+        owner.rings.pop(self.id, None)
+        for sid in [sid for sid, ring in owner.ring_sids.items() if ring is self]:
+            del owner.ring_sids[sid]
         if self.session is not None:
             self.session.closing = True
             self.hub.router.detach(self.session)
+            totals = self.hub.closed_totals
+            totals["msgs_out"] += self.session.msgs_out
+            totals["bytes_out"] += self.session.bytes_out
+            totals["dropped"] += self.session.dropped
+            self.session.release()  # what it held goes back to the uid's account
+            self.session.account = None
+        for name in self.names.values():  # gone already once ready; not if the helper died early
+            with contextlib.suppress(OSError):
+                os.unlink(SHM_DIR / ("sem." + name[1:]))
         assert self.helper.stdin is not None and self.helper.stdout is not None
         with contextlib.suppress(OSError):
-            self.helper.stdin.close()  # the helper unlinks what is left and exits
+            self.helper.stdin.close()
         with contextlib.suppress(OSError):
             self.helper.stdout.close()
-        self.service.reap(self.helper)
+        self.helper.kill()  # it holds nothing worth a goodbye; reaped now, so the uid's count is true
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.helper.wait(1.0)
         with contextlib.suppress(Exception):
             self.mm.close()
         with contextlib.suppress(OSError):
             os.close(self.fd)
-        acct = self.owner.account
+        acct = owner.account
         if acct is not None:
             acct.rings -= 1
 
@@ -470,7 +521,6 @@ class RingService:
         self.rings: dict[int, Ring] = {}
         self.offers: dict[str, Ring] = {}
         self.next_id = 1
-        self.helpers: list[subprocess.Popen[bytes]] = []
         hub.rings = self
 
     @property
@@ -567,21 +617,9 @@ class RingService:
         session.rings.clear()
         session.ring_sids.clear()
 
-    def reap(self, proc: subprocess.Popen[bytes]) -> None:
-        """Collect a helper's exit without waiting (it exits when its stdin closes)."""
-        self.helpers.append(proc)
-        self.helpers = [p for p in self.helpers if p.poll() is None]
-
     def stop(self) -> None:
         for ring in list(self.rings.values()):
             ring.close_ring()
-        for proc in self.helpers:
-            try:
-                proc.wait(2)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self.helpers = []
 
     def stats(self) -> list[dict[str, Any]]:
         return [ring.describe() for ring in self.rings.values()]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -25,6 +26,8 @@ from hostbus.shm import DeliverRing, RingWriter, fetch_fd
 
 __all__ = ["Bus", "ShmPublisher", "Subscription", "connect"]
 
+#: Batches of messages a deliver ring's reader may hand to the event loop before it waits.
+_RING_BATCHES = 64
 #: Bytes of frames gathered by publish() before they are handed to the transport at once.
 _WRITE_BATCH = 256 * 1024
 
@@ -279,12 +282,24 @@ class Bus:
         ring = self._deliver_ring
         if ring is None or ring.closed is not None:
             loop = self._loop
+            # The reader thread hands batches to the loop; at most _RING_BATCHES wait there, so a
+            # busy loop makes the reader stop taking slots, and the broker's policy applies.
+            window = threading.BoundedSemaphore(_RING_BATCHES)
+
+            def handed(sink: Subscription, msgs: list[Message]) -> None:
+                window.release()
+                sink.push_many(msgs)
+
+            def push(sink: Subscription, msgs: list[Message]) -> None:
+                while not window.acquire(timeout=0.1):
+                    self._core.check()
+                loop.call_soon_threadsafe(handed, sink, msgs)
+
             res, fd = await self._attach("deliver", slots, slot_size)
             ring = self._deliver_ring = DeliverRing(
-                res, fd, self._core.check, self._core.sinks,
-                lambda sink, msgs: loop.call_soon_threadsafe(sink.push_many, msgs),
+                res, fd, self._core.check, self._core.sinks, push,
                 lambda sink, exc: loop.call_soon_threadsafe(sink.end, exc),
-                lambda sink, n: loop.call_soon_threadsafe(sink.gap, n))
+                lambda sink, n: loop.call_soon_threadsafe(sink.gap, n), self._respond)
             ring.sids = self._ring_sids
             ring.register(self._core)
             await self.call("ring_ready", ring=ring.id)
@@ -362,8 +377,14 @@ class ShmPublisher:
         self.id = ring.id
 
     async def _take(self) -> None:
-        if not self.ring.try_take():
-            await self.bus._loop.run_in_executor(None, self.ring.take)
+        if self.ring.try_take():
+            return
+        fut = self.bus._loop.run_in_executor(None, self.ring.take)
+        try:
+            await asyncio.shield(fut)
+        except asyncio.CancelledError:  # the slot the worker takes is not ours any more: give it back
+            fut.add_done_callback(lambda f: self.ring.free.release() if not f.exception() else None)
+            raise
 
     async def publish(self, topic: str, data: bytes | bytearray | memoryview | str = b"",
                       headers: dict[str, str] | None = None, retain: bool = False) -> None:

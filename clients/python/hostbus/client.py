@@ -243,7 +243,7 @@ class Bus:
                 res, fd = attach(self, "deliver", slots, slot_size)
                 ring = self._deliver_ring = DeliverRing(
                     res, fd, self._core.check, self._core.sinks, lambda sink, msgs: sink.push_many(msgs),
-                    lambda sink, exc: sink.end(exc), lambda sink, n: sink.gap(n))
+                    lambda sink, exc: sink.end(exc), lambda sink, n: sink.gap(n), self._respond)
                 ring.sids = self._ring_sids
                 ring.register(self._core)
                 self.call("ring_ready", ring=ring.id)

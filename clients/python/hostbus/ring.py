@@ -144,6 +144,8 @@ class SlotReader:
                 self.part = None
                 if len(part) != self.total:
                     raise RingFormatError("message shorter than its first slot said")
+                if len(part) < fixed.size:
+                    raise RingFormatError("message shorter than a record's head")
                 end = fixed.size + fixed.unpack_from(part, 0)[0] + self._extra(part, 0, fixed)
                 if end != len(part):
                     raise RingFormatError("record length does not match the message")

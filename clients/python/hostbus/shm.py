@@ -279,8 +279,9 @@ class DeliverRing(_Ring):
 
     def __init__(self, res: dict[str, Any], fd: int, check: Callable[[], None], sinks: dict[int, Any],
                  push: Callable[[Any, list[Message]], object], end: Callable[[Any, BaseException], object],
-                 gap: Callable[[Any, int], object]) -> None:
+                 gap: Callable[[Any, int], object], respond: Callable[..., Any] | None = None) -> None:
         super().__init__(res, fd, check)
+        self.respond = respond
         self.sinks = sinks
         self.push = push
         self.end = end
@@ -347,10 +348,10 @@ class DeliverRing(_Ring):
             return
         b0 = start + fixed.size + olen
         origin = buf[start + fixed.size:b0].decode(errors="replace") if olen else ""
-        topic, _, h0, h1 = wire.split_block(buf, b0)
+        topic, reply, h0, h1 = wire.split_block(buf, b0)
         headers = wire.decode_headers(buf[h0:h1]) if h1 > h0 else {}
-        msg = Message(topic, buf[h1:end], headers, Sender(uid, gid, pid, origin), None, sid,
-                      bool(flags & wire.MSG_RETAINED))
+        msg = Message(topic, buf[h1:end], headers, Sender(uid, gid, pid, origin), reply or None, sid,
+                      bool(flags & wire.MSG_RETAINED), self.respond)
         batches.setdefault(sid, []).append(msg)
 
     def close(self) -> None:
