@@ -339,8 +339,9 @@ class ShmConfig(_Section):
     max_message_bytes: int = Field(
         8 * MiB, ge=1024, le=1024 * MiB,
         description="Largest message through a ring (topic, headers, payload). A client is told before it "
-        "writes anything; the broker refuses a larger one from a broken client and ends that ring. At most "
-        "limits.max_frame_bytes: a message from a ring may go to socket subscribers too.",
+        "writes anything; the broker refuses a larger one from a broken client and ends that ring. The limit in "
+        "force is the smaller of this and limits.max_frame_bytes: a message from a ring may go to socket "
+        "subscribers too.",
     )
     attach_timeout: float = Field(
         5.0, gt=0,
@@ -399,14 +400,6 @@ class Config(_Section):
                 raise ValueError(f"acl.{i}.topic {rule.topic!r} is also the topic of acl.{seen[rule.topic]}: "
                                  "allowed: one rule per pattern (merge their lists)")
             seen[rule.topic] = i
-        return self
-
-    @model_validator(mode="after")
-    def _ring_messages_fit_in_frames(self) -> Config:
-        if self.shm.max_message_bytes > self.limits.max_frame_bytes:
-            raise ValueError(f"shm.max_message_bytes ({self.shm.max_message_bytes}) exceeds limits.max_frame_bytes "
-                             f"({self.limits.max_frame_bytes}): a message from a ring may go to socket subscribers; "
-                             "allowed: at most limits.max_frame_bytes")
         return self
 
     @model_validator(mode="after")

@@ -168,7 +168,7 @@ class Ring(LoopEgress):
         self.report = b""  # a partial u32 count from the helper
         self.slots_in = 0
         self.msgs_in = 0
-        self.reader = layout.SlotReader(slot_size, service.config.max_message_bytes + 64)
+        self.reader = layout.SlotReader(slot_size, service.max_message_bytes + 64)
         self.writer = layout.SlotWriter(self.mm, slots, slot_size)  # deliver
         self.pending: collections.deque[tuple[bytes, bytes]] = collections.deque()  # deliver: waiting for slots
         self.session: RingSession | None = None
@@ -239,11 +239,10 @@ class Ring(LoopEgress):
         self.state = "offered"
         self.service.offers[self.token] = self
         self.deadline = self.loop.call_later(self.service.config.attach_timeout, self._expire)
-        cfg = self.service.config
         self.owner.send(wire.encode_json(wire.FrameType.RESULT, {
             "ring": self.id, "token": self.token, "direction": self.direction, "slots": self.slots,
             "slot_size": self.slot_size, "free": self.names["free"], "filled": self.names["filled"],
-            "max_message_bytes": cfg.max_message_bytes,
+            "max_message_bytes": self.service.max_message_bytes,
         }, U32.pack(self.call_id)))
 
     def _expire(self) -> None:
@@ -526,6 +525,11 @@ class RingService:
     @property
     def config(self) -> Any:
         return self.hub.config.shm
+
+    @property
+    def max_message_bytes(self) -> int:
+        """The ring message limit in force: a message from a ring may go to socket subscribers."""
+        return min(int(self.config.max_message_bytes), self.hub.config.limits.max_frame_bytes)
 
     def attach(self, session: Session, call_id: int, args: dict[str, Any]) -> None:
         cfg = self.config

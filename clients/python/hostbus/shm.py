@@ -344,6 +344,9 @@ class DeliverRing(_Ring):
         if flags & layout.GAP_FLAG:
             sink = self.sinks.get(sid)
             if sink is not None:
+                earlier = batches.pop(sid, None)
+                if earlier:  # the messages before the gap go first, in order
+                    self.push(sink, earlier)
                 self.gap(sink, uid)
             return
         b0 = start + fixed.size + olen
