@@ -135,6 +135,38 @@ def held(uid: int, gid: int, setup: Callable[[Callable[[str], None]], Any],
             h.release()
 
 
+def serve_time(sock: str | Path) -> hostbus.Bus:
+    """A responder on svc.time answering b"noon" from a thread; the returned bus keeps it alive."""
+    import threading
+
+    bus = hostbus.connect(sock)
+    sub = bus.subscribe("svc.time")
+
+    def serve() -> None:
+        with contextlib.suppress(hostbus.HostbusError):
+            for msg in sub:
+                msg.respond(b"noon")
+                bus.flush()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return bus
+
+
+def stalled_connections(sock: str | Path, n: int, pattern: str) -> list[socket.socket]:
+    """``n`` raw connections that subscribe to ``pattern`` and never read (small receive buffers)."""
+    from hostbus import wire
+
+    raws = []
+    for i in range(n):
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        raw.connect(str(sock))
+        raw.sendall(wire.encode_hello(f"stalled{i}", "raw", wire.PROTOCOL_VERSION)
+                    + wire.encode_sub(1, {"pattern": pattern}))
+        raws.append(raw)
+    return raws
+
+
 def nothing_more(sub: hostbus.Subscription, within: float = 0.3) -> None:
     with pytest.raises(hostbus.TimeoutError):
         msg = sub.next(timeout=within)
@@ -288,19 +320,8 @@ def test_a_reply_to_a_request_needs_no_rule(acl_daemon: Daemon, people: People) 
     sock = acl_daemon.socket
 
     def alice_serves(report: Callable[[str], None]) -> Any:
-        bus = hostbus.connect(sock)
-        sub = bus.subscribe("svc.time")
+        bus = serve_time(sock)  # alice has no publish rule for _INBOX.*: the reply is allowed anyway
         report("serving")
-        # alice has no publish rule for _INBOX.*: the reply is allowed anyway
-        import threading
-
-        def serve() -> None:
-            with contextlib.suppress(hostbus.HostbusError):
-                for msg in sub:
-                    msg.respond(b"noon")
-                    bus.flush()
-
-        threading.Thread(target=serve, daemon=True).start()
         return bus
 
     def bob_asks() -> None:
@@ -457,18 +478,9 @@ def test_queued_bytes_are_bounded_per_uid(start_daemon: Callable[..., Daemon], w
                                           people: People) -> None:
     d = open_daemon(start_daemon, workdir, {"limits": {"max_queued_bytes_per_uid": 65536}})
     sock = d.socket
-    from hostbus import wire
 
     def bob_stalls(report: Callable[[str], None]) -> Any:
-        raws = []
-        for i in range(3):  # three connections that subscribe and never read
-            raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            raw.connect(str(sock))
-            raw.sendall(wire.encode_hello(f"stalled{i}", "raw", wire.PROTOCOL_VERSION)
-                        + wire.encode_sub(1, {"pattern": "flood"}))
-            raws.append(raw)
-        return raws
+        return stalled_connections(sock, 3, "flood")
 
     with held(*people.bob, bob_stalls) as h, d.connect("alice-ish") as reader:
         assert h.line() == "ready"

@@ -23,7 +23,8 @@ from hostbus import wire
 from hostbusd.errors import StartupError
 from hostbusd.main import bind_socket, prepare_dir
 from tests.conftest import Daemon, run_as
-from tests.integration.test_acl import RULES, People, _cgroup_root, held, nothing_more, open_daemon
+from tests.integration.test_acl import RULES, People, _cgroup_root, held, nothing_more, open_daemon, serve_time,
+                                         stalled_connections
 from tests.integration.test_zmq import ZSub, endpoints
 
 
@@ -181,18 +182,7 @@ def test_a_request_cannot_aim_the_reply_at_a_topic_the_requester_may_not_publish
     sock = acl_daemon.socket
 
     def alice_serves(report: Callable[[str], None]) -> Any:
-        bus = hostbus.connect(sock)
-        sub = bus.subscribe("svc.time")
-        import threading
-
-        def serve() -> None:
-            with contextlib.suppress(hostbus.HostbusError):
-                for msg in sub:
-                    msg.respond(b"noon")
-                    bus.flush()
-
-        threading.Thread(target=serve, daemon=True).start()
-        return bus
+        return serve_time(sock)
 
     def bob_aims() -> None:
         with hostbus.connect(sock) as bus:
@@ -337,15 +327,7 @@ def test_queued_bytes_per_uid_bound_what_stalled_connections_hold(
     n, size = 16, 4 * 1024 * 1024
 
     def bob_stalls(report: Callable[[str], None]) -> Any:
-        raws = []
-        for i in range(n):  # connections that subscribe and never read
-            raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            raw.connect(str(sock))
-            raw.sendall(wire.encode_hello(f"stalled{i}", "raw", wire.PROTOCOL_VERSION)
-                        + wire.encode_sub(1, {"pattern": "big"}))
-            raws.append(raw)
-        return raws
+        return stalled_connections(sock, n, "big")
 
     with held(*people.bob, bob_stalls) as h, d.connect("publisher") as pub:
         assert h.line() == "ready"

@@ -389,16 +389,8 @@ class ShmPublisher:
     async def publish(self, topic: str, data: bytes | bytearray | memoryview | str = b"",
                       headers: dict[str, str] | None = None, retain: bool = False) -> None:
         ring = self.ring
-        record = ring.record(topic, data, headers, retain)
-        need = ring.slots_to_take(record)
-        if ring.writer.span is None:
-            for _ in range(need):
-                await self._take()
-            ring.write(record, need)
-        else:
-            for _ in range(need):  # a record larger than a slot: one piece per free slot
-                await self._take()
-                ring.write(record, 1)
+        for _ in ring.steps(ring.record(topic, data, headers, retain)):
+            await self._take()
 
     async def flush(self, timeout: float | None = DEFAULT_CONTROL_TIMEOUT) -> None:
         ring = self.ring

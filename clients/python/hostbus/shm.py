@@ -167,6 +167,19 @@ class RingWriter(_Ring):
         w.start_span(record)
         return -(-(n + layout.TOTAL.size) // w.cap)
 
+    def steps(self, record: tuple[bytes, Any]) -> Iterator[None]:
+        """Write ``record``, yielding once before each free slot it needs: the caller takes one
+        (waiting as its client waits) each time, and the record is written as slots come."""
+        need = self.slots_to_take(record)
+        if self.writer.span is None:
+            for _ in range(need):
+                yield
+            self.write(record, need)
+        else:
+            for _ in range(need):  # a record larger than a slot: one piece per free slot
+                yield
+                self.write(record, 1)
+
     def write(self, record: tuple[bytes, Any], taken: int) -> None:
         """Write ``record`` once :meth:`slots_to_take` free slots are in hand (a large record's
         pieces may be written one taken slot at a time: call with ``taken=1`` per slot)."""
@@ -224,16 +237,8 @@ class ShmPublisher:
                 headers: dict[str, str] | None = None, retain: bool = False) -> None:
         """Put one message in the ring (returns once it is in shared memory, maybe not yet posted)."""
         ring = self.ring
-        record = ring.record(topic, data, headers, retain)
-        need = ring.slots_to_take(record)
-        if ring.writer.span is None:
-            for _ in range(need):
-                ring.take()
-            ring.write(record, need)
-        else:
-            for _ in range(need):  # a record larger than a slot: one piece per free slot
-                ring.take()
-                ring.write(record, 1)
+        for _ in ring.steps(ring.record(topic, data, headers, retain)):
+            ring.take()
 
     def flush(self, timeout: float | None = 10.0) -> None:
         """Hand the current slot to the broker, wait until it has routed every slot, and raise
