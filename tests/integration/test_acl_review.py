@@ -23,8 +23,16 @@ from hostbus import wire
 from hostbusd.errors import StartupError
 from hostbusd.main import bind_socket, prepare_dir
 from tests.conftest import Daemon, run_as
-from tests.integration.test_acl import RULES, People, _cgroup_root, held, nothing_more, open_daemon, serve_time,
-                                         stalled_connections
+from tests.integration.test_acl import (
+    RULES,
+    People,
+    _cgroup_root,
+    held,
+    nothing_more,
+    open_daemon,
+    serve_time,
+    stalled_connections,
+)
 from tests.integration.test_zmq import ZSub, endpoints
 
 
