@@ -1,0 +1,1 @@
+"""Stored messages: the on-disk logs of topic queues."""

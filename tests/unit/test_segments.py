@@ -1,0 +1,142 @@
+"""The segment log of topic queues: appends, recovery of torn and corrupt files, retention, faults."""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import struct
+from pathlib import Path
+
+import pytest
+
+from hostbusd.store.segments import HEAD, META, SegmentLog, StorageError
+
+
+def payloads(n: int, size: int = 10, start: int = 0) -> list[bytes]:
+    return [struct.pack("<I", start + i) + b"x" * (size - 4) for i in range(n)]
+
+
+def test_appends_come_back_in_order_across_segments_and_reopening(tmp_path: Path) -> None:
+    log = SegmentLog.open(tmp_path / "q", max_segment_bytes=1000)
+    assert log.append(payloads(50)) == list(range(1, 51))
+    assert log.append(payloads(50, start=50)) == list(range(51, 101))
+    log.sync()
+    assert len(log.segments) > 3  # rolled over
+    assert [p for _, _, p in log.read()] == payloads(100)
+    log.close()
+    again = SegmentLog.open(tmp_path / "q", max_segment_bytes=1000)
+    assert (again.first_seq, again.last_seq, len(again)) == (1, 100, 100)
+    assert again.recovery.files == {}
+    assert [s for s, _, _ in again.read(97)] == [97, 98, 99, 100]
+    assert again.append([b"next"]) == [101]  # appends go on where they stopped
+    assert [p for _, _, p in again.read(101)] == [b"next"]
+    again.close()
+
+
+def test_a_torn_tail_is_cut_off_and_reported(tmp_path: Path) -> None:
+    log = SegmentLog.open(tmp_path / "q")
+    log.append(payloads(10))
+    log.close()
+    seg = next((tmp_path / "q").iterdir())
+    whole = seg.stat().st_size
+    with open(seg, "ab") as f:  # a crash in the middle of a write: half a record
+        body = META.pack(11, 0) + b"half"
+        f.write(HEAD.pack(len(body) + 4 + 100, 0) + body)
+    torn = seg.stat().st_size
+    log = SegmentLog.open(tmp_path / "q")
+    assert log.last_seq == 10 and seg.stat().st_size == whole
+    assert log.recovery.files == {seg.name: (torn - whole, 1)}
+    assert log.recovery.discarded_bytes == torn - whole
+    assert log.append([b"eleven"]) == [11]
+    log.close()
+
+
+@pytest.mark.parametrize("where", ["payload", "length", "seq"])
+def test_a_flipped_byte_is_never_delivered(tmp_path: Path, where: str) -> None:
+    log = SegmentLog.open(tmp_path / "q")
+    log.append(payloads(10, size=20))
+    log.close()
+    seg = next((tmp_path / "q").iterdir())
+    data = bytearray(seg.read_bytes())
+    rec = HEAD.size + META.size + 20  # bytes per record
+    fifth = 4 * rec  # the 5th record starts here
+    offset = {"payload": fifth + HEAD.size + META.size + 3, "length": fifth, "seq": fifth + HEAD.size}[where]
+    data[offset] ^= 0x40
+    seg.write_bytes(bytes(data))
+    log = SegmentLog.open(tmp_path / "q")
+    got = list(log.read())
+    assert [p for _, _, p in got] == payloads(4, size=20)  # the 4 before it, intact; nothing corrupt
+    assert log.last_seq == 4
+    assert log.recovery.files[seg.name][0] == len(data) - fifth
+    assert log.append([b"after"]) == [5]  # the sequence goes on from what was kept
+    log.close()
+
+
+def test_retention_deletes_whole_segments_by_count_bytes_age_and_floor(tmp_path: Path) -> None:
+    log = SegmentLog.open(tmp_path / "q", max_segment_bytes=500)
+    t0 = 1_000_000_000_000
+    for i in range(10):
+        log.append(payloads(10, start=i * 10), now_ns=t0 + i * 1_000_000_000)
+    total = len(log)
+    assert total == 100
+    before = len(log.segments)
+    assert log.trim(max_msgs=60) > 0
+    assert len(log) >= 60 and log.last_seq == 100 and len(log.segments) < before
+    first = log.first_seq
+    assert [s for s, _, _ in log.read()][0] == first  # reading starts at what is left
+    assert log.trim(max_bytes=log.nbytes // 2) > 0 and log.last_seq == 100
+    assert log.trim(max_age_ns=3_500_000_000, now_ns=t0 + 9_000_000_000) >= 0
+    assert all(s.last_time >= t0 + 5_000_000_000 for s in log.segments[:-1])
+    log.trim(below_seq=log.last_seq)
+    assert len(log.segments) == 1  # the segment being appended to is never deleted
+    assert log.seq_at_time(t0 + 9_000_000_000) <= 100
+    log.close()
+    assert len(list((tmp_path / "q").iterdir())) == 1
+
+
+def test_replay_from_a_time(tmp_path: Path) -> None:
+    log = SegmentLog.open(tmp_path / "q")
+    for i in range(5):
+        log.append([f"m{i}".encode()], now_ns=(i + 1) * 1000)
+    assert log.seq_at_time(2500) == 3
+    assert [p for _, _, p in log.read(log.seq_at_time(2500))] == [b"m2", b"m3", b"m4"]
+    assert log.seq_at_time(10_000) == 6  # nothing yet: the next one
+    log.close()
+
+
+def test_a_write_the_filesystem_refuses_leaves_the_log_as_it_was(tmp_path: Path) -> None:
+    """A file size limit stands in for a full disk: the append fails with a clear error, what
+    was stored before stays, and the log takes appends again once there is room."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of death
+            log = SegmentLog.open(tmp_path / "q", max_segment_bytes=1 << 30)
+            log.append(payloads(100))
+            log.sync()
+            size = log.nbytes
+            resource.setrlimit(resource.RLIMIT_FSIZE, (size + 50, resource.RLIM_INFINITY))
+            try:
+                log.append(payloads(100, start=100))
+            except StorageError as exc:
+                assert "cannot append" in str(exc) and "File too large" in str(exc), exc
+            else:
+                raise AssertionError("the append should have failed")
+            assert log.nbytes == size and log.last_seq == 100
+            log.close()
+            code = 0
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    log = SegmentLog.open(tmp_path / "q")
+    assert log.recovery.files == {}  # the failed write left nothing half-written
+    assert [p for _, _, p in log.read()] == payloads(100)
+    assert log.append([b"room again"]) == [101]
+    log.close()
