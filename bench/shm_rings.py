@@ -116,6 +116,7 @@ def main() -> int:
     shapes = [
         ("64 B, socket -> socket", "socket", "socket", args.count, 64, "msgs_per_s"),
         ("64 B, publish ring -> socket", "shm", "socket", args.count, 64, "msgs_per_s"),
+        ("64 B, publish ring -> deliver ring", "shm", "shm", args.count, 64, "msgs_per_s"),
         ("1 MiB, socket -> socket", "socket", "socket", args.big_count, MiB, "mb_per_s"),
         ("1 MiB, publish ring -> deliver ring", "shm", "shm", args.big_count, MiB, "mb_per_s"),
     ]
@@ -135,8 +136,9 @@ def main() -> int:
         print(f"| {name} | {medians[name]:,.0f} {unit} | {min(vals):,.0f} - {max(vals):,.0f} | "
               f"{sum(r['lost'] for r in results[name])} | "
               f"{max(r['broker_peak_rss_mib'] for r in results[name]):.0f} |")
-    print(f"# 64 B ring / socket: {medians[shapes[1][0]] / medians[shapes[0][0]]:.2f}x; "
-          f"1 MiB rings / socket: {medians[shapes[3][0]] / medians[shapes[2][0]]:.2f}x")
+    print(f"# 64 B ring -> socket / socket: {medians[shapes[1][0]] / medians[shapes[0][0]]:.2f}x; "
+          f"64 B rings / socket: {medians[shapes[2][0]] / medians[shapes[0][0]]:.2f}x; "
+          f"1 MiB rings / socket: {medians[shapes[4][0]] / medians[shapes[3][0]]:.2f}x")
     if args.json:
         print(json.dumps(results, indent=2))
     return 0

@@ -63,6 +63,9 @@ def fetch_fd(path: str, token: str, timeout: float = 10.0) -> int:
         raise RingClosedError("the broker closed the connection without sending the ring's memory")
 
 
+_MSG_BLOCK = wire.frames.MSG_BLOCK
+
+
 class _Ring:
     """What both kinds of ring share: the mapping, the semaphores, waiting while watching the
     connection (``check`` raises once it is lost), closing."""
@@ -292,6 +295,8 @@ class DeliverRing(_Ring):
         self.end = end
         self.gap = gap
         self.sids: set[int] = set()
+        self._topics: dict[bytes, str] = {}
+        self._senders: dict[tuple[int, int, int, bytes], Sender] = {}
         self._reader = layout.SlotReader(self.slot_size, self.max_message_bytes + 64)
         self._stop = False
         self.thread = threading.Thread(target=self._run, name="hostbus-ring-reader", daemon=True)
@@ -354,13 +359,36 @@ class DeliverRing(_Ring):
                     self.push(sink, earlier)
                 self.gap(sink, uid)
             return
-        b0 = start + fixed.size + olen
-        origin = buf[start + fixed.size:b0].decode(errors="replace") if olen else ""
-        topic, reply, h0, h1 = wire.split_block(buf, b0)
-        headers = wire.decode_headers(buf[h0:h1]) if h1 > h0 else {}
-        msg = Message(topic, buf[h1:end], headers, Sender(uid, gid, pid, origin), reply or None, sid,
-                      bool(flags & wire.MSG_RETAINED), self.respond)
-        batches.setdefault(sid, []).append(msg)
+        o0 = start + fixed.size
+        b0 = o0 + olen
+        tlen, rlen, hlen = _MSG_BLOCK.unpack_from(buf, b0)
+        t0 = b0 + 8
+        r0 = t0 + tlen
+        h0 = r0 + rlen
+        h1 = h0 + hlen
+        if h1 > end:
+            raise layout.RingFormatError("message block longer than its record")
+        raw_topic = buf[t0:r0]
+        topics_seen = self._topics
+        topic = topics_seen.get(raw_topic)
+        if topic is None:  # the broker checked it; remember its text (bounded)
+            if len(topics_seen) >= 65536:
+                topics_seen.clear()
+            topic = topics_seen[raw_topic] = raw_topic.decode()
+        key = (uid, gid, pid, buf[o0:b0] if olen else b"")
+        sender = self._senders.get(key)
+        if sender is None:
+            if len(self._senders) >= 4096:
+                self._senders.clear()
+            sender = self._senders[key] = Sender(uid, gid, pid, key[3].decode(errors="replace"))
+        msg = Message(topic, buf[h1:end], wire.decode_headers(buf[h0:h1]) if hlen else {}, sender,
+                      buf[r0:h0].decode(errors="replace") if rlen else None, sid, bool(flags & wire.MSG_RETAINED),
+                      self.respond)
+        batch = batches.get(sid)
+        if batch is None:
+            batches[sid] = [msg]
+        else:
+            batch.append(msg)
 
     def close(self) -> None:
         self._stop = True
