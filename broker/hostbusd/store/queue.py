@@ -1,0 +1,271 @@
+"""A topic queue's bookkeeping: stored messages, consumers, acknowledgements, redelivery, dead letters.
+
+Pure logic over a log (:class:`~hostbusd.store.segments.SegmentLog` on disk, or
+:class:`MemoryLog` with the same interface) and an injected clock: no sockets, no event loop.
+The broker will call it as messages arrive and as consumers ask and acknowledge.
+
+A message is identified by its sequence number in the log. A consumer has an **ack floor**
+(every seq at or below it is done), a **pending** set (delivered, not yet acknowledged: with its
+delivery count and the time it is due again) and a **next** seq to hand out. The consumer's
+state is small and is stored next to the log (:meth:`ConsumerState.dump`/``load``) so a
+restart neither loses nor re-floods.
+
+Per message: ``ack`` (done), ``nak(delay)`` (deliver again after ``delay``, or the backoff),
+``term`` (done, never again), ``in_progress`` (push the deadline out by ``ack_wait``). A
+message whose deadline passes is delivered again; one that has been delivered ``max_deliver``
+times is handed to the dead-letter callback instead (with the reason and the count) and counts
+as done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class Log(Protocol):
+    @property
+    def first_seq(self) -> int: ...
+
+    @property
+    def last_seq(self) -> int: ...
+
+    def append(self, payloads: list[bytes], now_ns: int | None = None) -> list[int]: ...
+
+    def read(self, start: int = 1, limit: int | None = None) -> Iterator[tuple[int, int, bytes]]: ...
+
+
+class MemoryLog:
+    """The in-memory log: the same interface as the segment files, nothing survives a restart."""
+
+    def __init__(self) -> None:
+        self._records: dict[int, tuple[int, bytes]] = {}
+        self._first = 1
+        self._next = 1
+
+    @property
+    def first_seq(self) -> int:
+        return self._first
+
+    @property
+    def last_seq(self) -> int:
+        return self._next - 1
+
+    def __len__(self) -> int:
+        return self._next - self._first
+
+    def append(self, payloads: list[bytes], now_ns: int | None = None) -> list[int]:
+        t = time.time_ns() if now_ns is None else now_ns
+        seqs = []
+        for p in payloads:
+            self._records[self._next] = (t, p)
+            seqs.append(self._next)
+            self._next += 1
+        return seqs
+
+    def read(self, start: int = 1, limit: int | None = None) -> Iterator[tuple[int, int, bytes]]:
+        first = max(start, self._first)
+        stop = self._next if limit is None else min(self._next, first + limit)
+        for seq in range(first, stop):
+            t, p = self._records[seq]
+            yield seq, t, p
+
+    def trim(self, *, below_seq: int) -> int:
+        """Forget records below ``below_seq`` (what every consumer has acknowledged)."""
+        n = 0
+        while self._first < min(below_seq, self._next):
+            self._records.pop(self._first, None)
+            self._first += 1
+            n += 1
+        return n
+
+
+@dataclass
+class ConsumerOptions:
+    ack_wait: float = 30.0  # seconds a delivery may stay unacknowledged
+    max_deliver: int = 5  # deliveries before the message goes to the dead letters (0: no limit)
+    backoff: tuple[float, ...] = ()  # delays of the 1st, 2nd ... redelivery (then the last one)
+    max_inflight: int = 1000  # unacknowledged deliveries outstanding
+
+
+@dataclass
+class Pending:
+    count: int  # deliveries so far
+    due: float  # when it is delivered again unless acknowledged
+
+
+@dataclass
+class ConsumerState:
+    """What a restart must keep of a consumer: where it is, and what it has not acknowledged."""
+
+    name: str
+    ack_floor: int = 0
+    next_seq: int = 1
+    pending: dict[int, Pending] = field(default_factory=dict)
+    done_above_floor: set[int] = field(default_factory=set)  # acked out of order
+
+    def dump(self) -> dict[str, Any]:
+        return {"name": self.name, "ack_floor": self.ack_floor, "next_seq": self.next_seq,
+                "pending": {str(s): [p.count, p.due] for s, p in self.pending.items()},
+                "done": sorted(self.done_above_floor)}
+
+    @classmethod
+    def load(cls, obj: dict[str, Any]) -> ConsumerState:
+        return cls(str(obj["name"]), int(obj["ack_floor"]), int(obj["next_seq"]),
+                   {int(s): Pending(int(c), float(d)) for s, (c, d) in obj.get("pending", {}).items()},
+                   {int(s) for s in obj.get("done", [])})
+
+
+@dataclass
+class Delivery:
+    seq: int
+    count: int  # 1 for the first delivery
+    time_ns: int  # when it was stored
+    payload: bytes
+
+
+DeadLetter = Callable[[int, bytes, int, str], None]  # seq, payload, deliveries, reason
+
+
+class Consumer:
+    def __init__(self, state: ConsumerState, options: ConsumerOptions, log: Log, dead_letter: DeadLetter,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.state = state
+        self.options = options
+        self.log = log
+        self.dead_letter = dead_letter
+        self.clock = clock
+        self.redelivered = 0
+        self.dead_lettered = 0
+
+    # ---- handing out --------------------------------------------------------------------------
+
+    def take(self, n: int) -> list[Delivery]:
+        """Up to ``n`` deliveries: those due again first (oldest first), then new messages,
+        never more than ``max_inflight`` unacknowledged at once."""
+        st = self.state
+        now = self.clock()
+        out: list[Delivery] = []
+        due = sorted(seq for seq, p in st.pending.items() if p.due <= now)
+        for seq in due:
+            if len(out) >= n:
+                break
+            p = st.pending[seq]
+            stored = self._payload(seq)
+            if stored is None:  # removed by retention meanwhile
+                self._done(seq)
+                continue
+            if self.options.max_deliver and p.count >= self.options.max_deliver:
+                self._done(seq)
+                self.dead_lettered += 1
+                self.dead_letter(seq, stored[1], p.count, "max_deliver")
+                continue
+            p.count += 1
+            p.due = now + self._wait(p.count)
+            self.redelivered += 1
+            out.append(Delivery(seq, p.count, stored[0], stored[1]))
+        room = min(n - len(out), self.options.max_inflight - len(st.pending))  # pending: all outstanding
+        if room > 0:
+            start = max(st.next_seq, self.log.first_seq)
+            for seq, t, payload in self.log.read(start, room):
+                st.pending[seq] = Pending(1, now + self.options.ack_wait)
+                st.next_seq = seq + 1
+                out.append(Delivery(seq, 1, t, payload))
+                if len(out) >= n:
+                    break
+        return out
+
+    def _wait(self, count: int) -> float:
+        backoff = self.options.backoff
+        if backoff and count >= 2:
+            return backoff[min(count - 2, len(backoff) - 1)] + self.options.ack_wait
+        return self.options.ack_wait
+
+    def _payload(self, seq: int) -> tuple[int, bytes] | None:
+        for s, t, p in self.log.read(seq, 1):
+            return (t, p) if s == seq else None
+        return None
+
+    # ---- answers from the consumer -------------------------------------------------------------
+
+    def ack(self, seq: int) -> bool:
+        """Done with ``seq``; False if it was not pending (already done, or never delivered)."""
+        if seq not in self.state.pending:
+            return False
+        self._done(seq)
+        return True
+
+    def term(self, seq: int) -> bool:
+        """Never deliver ``seq`` again (counts as done)."""
+        return self.ack(seq)
+
+    def nak(self, seq: int, delay: float | None = None) -> bool:
+        """Deliver ``seq`` again after ``delay`` seconds (default: at once, or the backoff)."""
+        p = self.state.pending.get(seq)
+        if p is None:
+            return False
+        if delay is None:
+            backoff = self.options.backoff
+            delay = backoff[min(p.count - 1, len(backoff) - 1)] if backoff else 0.0
+        p.due = self.clock() + delay
+        return True
+
+    def in_progress(self, seq: int) -> bool:
+        """Still working on ``seq``: its deadline moves ``ack_wait`` from now."""
+        p = self.state.pending.get(seq)
+        if p is None:
+            return False
+        p.due = self.clock() + self.options.ack_wait
+        return True
+
+    def disconnected(self) -> None:
+        """Its connection went away: every unacknowledged delivery is due again now (for
+        another member of the consumer, or for it when it comes back)."""
+        now = self.clock()
+        for p in self.state.pending.values():
+            p.due = now
+
+    def _done(self, seq: int) -> None:
+        st = self.state
+        st.pending.pop(seq, None)
+        st.done_above_floor.add(seq)
+        while st.ack_floor + 1 in st.done_above_floor:  # the floor advances over what is done
+            st.ack_floor += 1
+            st.done_above_floor.discard(st.ack_floor)
+        if st.ack_floor + 1 < st.next_seq and st.ack_floor + 1 not in st.pending:
+            # Messages between the floor and next that are neither pending nor done were removed
+            # by retention: nothing to wait for.
+            first = self.log.first_seq
+            if st.ack_floor + 1 < first:
+                st.ack_floor = first - 1
+                st.done_above_floor = {s for s in st.done_above_floor if s > st.ack_floor}
+
+
+def save_state(path: Path, states: list[ConsumerState]) -> None:
+    """Write consumer states atomically (a temporary file, fsync, rename, fsync of the directory)."""
+    tmp = path.with_name(path.name + ".tmp")
+    data = json.dumps([s.dump() for s in states], separators=(",", ":")).encode()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def load_state(path: Path) -> list[ConsumerState]:
+    try:
+        return [ConsumerState.load(o) for o in json.loads(path.read_bytes())]
+    except FileNotFoundError:
+        return []
