@@ -162,3 +162,15 @@ def test_sub_prints_inner_newlines_escaped(daemon: Daemon) -> None:
     cli(daemon, "pub", "ml", stdin="line1\nline2\r\n")
     out, _ = sub.communicate(timeout=20)
     assert out == "ml line1\\nline2\\r\n"
+
+
+def test_bench_measures_the_running_broker(daemon: Daemon) -> None:
+    r = cli(daemon, "bench", "--count", "3000", "--subscribers", "2", "--requests", "50", "--json", timeout=120)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["lost"] == 0 and res["count"] == 3000 and res["subscribers"] == 2
+    assert res["publish_msgs_per_s"] > 0 and res["delivery_msgs_per_s"] > 0
+    assert 0 < res["rtt_us"]["p50"] <= res["rtt_us"]["p99"] <= res["rtt_us"]["max"]
+    table = cli(daemon, "bench", "--count", "1000", "--requests", "10", timeout=120)
+    assert table.returncode == 0 and "round trip  p50" in table.stdout and "lost        0" in table.stdout
+    assert cli(daemon, "bench", "--count", "0").returncode == 2

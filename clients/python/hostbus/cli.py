@@ -10,7 +10,7 @@ import signal
 import sys
 from typing import Any
 
-from hostbus import aio, paths
+from hostbus import aio, bench, paths
 from hostbus.client import connect
 from hostbus.errors import HostbusError, NoRespondersError
 from hostbus.errors import TimeoutError as HostbusTimeout
@@ -32,7 +32,7 @@ def _headers(pairs: list[str]) -> dict[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hostbus",
-        description="Talk to the hostbus broker: publish, subscribe, request, statistics, identity.",
+        description="Talk to the hostbus broker: publish, subscribe, request, statistics, identity, benchmark.",
         epilog="The socket is --socket, else $HOSTBUS_SOCKET, else this user's instance "
         f"($XDG_RUNTIME_DIR/hostbus/{paths.SOCKET_NAME}) if it exists, else the system instance "
         f"({paths.SYSTEM_RUNTIME_DIR / paths.SOCKET_NAME}). Exit status: 0 success, 1 error, 2 usage.",
@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "publish, subscribe and manage queues there, with the rule that decides.")
     w.add_argument("--topic", metavar="TOPIC", help="a topic or pattern to ask about")
     w.add_argument("--json", action="store_true", help="print the answer as JSON")
+    bench.add_parser(sub)
     return p
 
 
@@ -284,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_req(args)
         if args.command == "whoami":
             return cmd_whoami(args)
+        if args.command == "bench":
+            return bench.run(args, str(args.socket or paths.default_socket()))
         return cmd_stats(args)
     except HostbusError as exc:
         print(f"hostbus: {exc}", file=sys.stderr)
