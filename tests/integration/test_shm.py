@@ -332,3 +332,16 @@ def test_a_broken_slot_ends_that_ring_only(daemon: Daemon, slot: bytes, clean_sh
         other.publish("ok", b"the broker goes on")
         assert sub.next(timeout=5).data == b"the broker goes on"
         pub.close()
+
+
+def test_ring_subscriptions_count_against_the_connections_subscription_limit(
+        start_daemon: Callable[..., Daemon], clean_shm: None) -> None:
+    d = start_daemon({"limits": {"max_subscriptions_per_connection": 2}})
+    with d.connect() as bus:
+        bus.subscribe("a")
+        bus.subscribe("b", via="shm", ring_slots=2, ring_slot_size=4096)
+        with pytest.raises(hostbus.LimitExceededError, match=r"limits\.max_subscriptions_per_connection"):
+            bus.subscribe("c", via="shm")
+        with pytest.raises(hostbus.LimitExceededError):
+            bus.subscribe("d")
+        assert bus.stats()["subscriptions"] == 2

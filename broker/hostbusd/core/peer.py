@@ -195,7 +195,8 @@ class PeerCore:
             self.fail(exc.code or ErrorCode.INVALID_ARGUMENT, f"ring_fd: {exc}")
             return
         session.egress.send_fd(fd)  # type: ignore[attr-defined]  # UnixPeer: the only transport with HELLO
-        self.fail(0, "", peer_fault=False)
+        self.end()  # nothing more on this connection: no WELCOME, no ERR
+        session.egress.close()
 
     def _subscribe(self, body: bytes) -> int:
         sid, raw = wire.split_u32(body)

@@ -148,9 +148,10 @@ class Router:
         if sid == 0 or sid in session.subs:
             raise HostbusError(f"subscription id {sid} is {'reserved' if sid == 0 else 'already in use'}",
                                code=ErrorCode.DUPLICATE_ID)
-        if len(session.subs) >= self.max_subscriptions:
+        held = len(session.subs) + len(session.ring_sids)  # its ring subscriptions count too
+        if held >= self.max_subscriptions:
             raise LimitExceededError(
-                f"connection already has {len(session.subs)} subscriptions, the limit "
+                f"connection already has {held} subscriptions, the limit "
                 "(limits.max_subscriptions_per_connection)",
                 code=ErrorCode.LIMIT,
             )

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from hostbus import ring as layout
 from hostbus import wire
-from hostbus.errors import ErrorCode, HostbusError
+from hostbus.errors import ErrorCode, HostbusError, LimitExceededError
 from hostbus.topics import show
 from hostbusd.core.identity import Identity
 from hostbusd.core.peer import TURN_BUDGET
@@ -602,6 +602,11 @@ class RingService:
                                code=ErrorCode.INVALID_ARGUMENT)
         if opts.group is not None:
             raise HostbusError("SUB: a queue group cannot deliver through a ring", code=ErrorCode.INVALID_ARGUMENT)
+        limit = self.hub.config.limits.max_subscriptions_per_connection
+        if len(session.subs) + len(session.ring_sids) >= limit:  # one count for the connection and its rings
+            raise LimitExceededError(
+                f"connection already has {len(session.subs) + len(session.ring_sids)} subscriptions, the limit "
+                "(limits.max_subscriptions_per_connection)", code=ErrorCode.LIMIT)
         acl = self.hub.router.subscribe_filter(session, opts.pattern, None)  # refuses as for the socket
         _, delivered = self.hub.router.subscribe(ring.session, sid, opts)
         ring.session.subs[sid].acl = acl

@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, metavar="S",
                    help="exit after S seconds (status 1 if --count messages did not all arrive)")
     s.add_argument("--json", action="store_true",
-                   help="one JSON object per line: topic, data (text), headers, sender {uid, gid, pid}")
+                   help="one JSON object per line: topic, data (text), headers, sender {uid, gid, pid, origin if any}, "
+                   "reply_to and retained when set")
     s.add_argument("--shm", action="store_true",
                    help="receive through a shared-memory ring instead of the socket (docs/shm.md)")
 
@@ -98,6 +99,8 @@ def cmd_whoami(args: argparse.Namespace) -> int:
     print(f"{'pid':<11}{ident['pid']}")
     print(f"{'unit':<11}{ident.get('unit') or '-'}")
     print(f"{'principals':<11}{' '.join(ident.get('principals', []))}")
+    if ident.get("unknown"):  # rules refusing by these kinds of name refuse this process
+        print(f"{'unknown':<11}{' '.join(ident['unknown'])}")
     for action, verdict in me.get("access", {}).items():
         allowed = verdict["allowed"]
         word = "yes" if allowed is True else "no" if allowed is False else str(allowed)
