@@ -33,7 +33,8 @@ class SocketConfig(_Section):
     )
     mode: int | None = Field(
         None, ge=0, le=0o777,
-        description="Mode of the socket file, applied through the umask at bind time (never chmod after). "
+        description="Mode of the socket file, applied through the umask at bind time (with socket.group: bound "
+        "owner-only under a temporary name, given group and mode, then linked into place). "
         "Default: 0o600 for a user instance, 0o666 for root's system instance (any local user may connect; "
         "who may do what is decided per message from the kernel-verified identity).",
     )
