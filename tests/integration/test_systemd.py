@@ -202,12 +202,18 @@ def test_started_by_systemd_socket_activate(workdir: Path) -> None:
                              "--log-format", "json"], pass_fds=[fifo_fd], stdout=log, stderr=subprocess.STDOUT)
     os.close(fifo_fd)
     try:
-        for _ in range(200):  # systemd-socket-activate binds the socket first
-            if sock_path.exists():
+        # systemd-socket-activate binds, then listens: a connect in between is refused, so retry.
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                # This connection makes systemd-socket-activate start the daemon, which then serves it.
+                bus = hostbus.connect(sock_path, timeout=30)
                 break
-            time.sleep(0.02)
-        # This connection makes systemd-socket-activate start the daemon, which then serves it.
-        with hostbus.connect(sock_path, timeout=30) as bus:
+            except hostbus.ConnectionLostError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+        with bus:
             sub = bus.subscribe("sa.>")
             bus.publish("sa.sock", b"activated")
             assert sub.next(timeout=10).data == b"activated"

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import statistics
 import sys
@@ -106,6 +105,8 @@ def _bar(done: int, total: int, label: str) -> None:
 
 
 def run(args: argparse.Namespace, sock: str) -> int:
+    import multiprocessing as mp  # noqa: PLC0415 - only the bench needs it (importing it touches sys.modules)
+
     if min(args.count, args.publishers, args.subscribers, args.requests) < 1 or args.size < 0:
         print("hostbus: --count, --publishers, --subscribers and --requests must be at least 1, --size at least 0",
               file=sys.stderr)
