@@ -42,7 +42,6 @@ from hostbus import wire
 from hostbus.errors import ErrorCode, HostbusError, LimitExceededError
 from hostbus.topics import show
 from hostbusd.core.identity import Identity
-from hostbusd.core.peer import TURN_BUDGET
 from hostbusd.core.router import SubscribeOptions
 from hostbusd.core.session import Session, Subscription
 from hostbusd.core.sink import RecordSession
@@ -52,6 +51,10 @@ if TYPE_CHECKING:
     from hostbusd.core.hub import Hub
 
 U32 = struct.Struct("<I")
+#: Messages of a publish ring routed per loop iteration (whole slots, so at least one): about
+#: what one read of a socket peer brings, so the subscribers' writes keep pace instead of
+#: queueing (measured: 64 B ring -> socket went from 0.9x to 1.18x the socket path).
+RING_TURN = 500
 SHM_DIR = Path("/dev/shm")
 #: Prefix of the semaphore names (``/dev/shm/sem.hostbus.<pid>.<token>.<free|filled>``).
 NAME_PREFIX = "hostbus."
@@ -291,7 +294,7 @@ class Ring(LoopEgress):
             self._turn()
 
     def _turn(self) -> None:
-        """Route the messages of filled slots, up to :data:`TURN_BUDGET` of them (whole slots),
+        """Route the messages of filled slots, up to :data:`RING_TURN` of them (whole slots),
         give those slots back, and leave the rest for the next loop iteration: a ring takes
         turns with the other peers like a socket does."""
         self._turn_scheduled = False
@@ -301,7 +304,7 @@ class Ring(LoopEgress):
         owner = self.owner
         size = self.slot_size
         done = 0
-        budget = TURN_BUDGET
+        budget = RING_TURN
         try:
             while done < self.unread and budget > 0 and self.state == "running":
                 off = (self.next % self.slots) * size
