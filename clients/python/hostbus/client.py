@@ -323,6 +323,9 @@ class Bus:
             try:
                 sock.sendall(data)
             except OSError as exc:
+                # The broker may have said why it closed (a connection limit, say) just before: let
+                # the reader take that in first, so the caller sees the reason, not a broken pipe.
+                self._reader.join(1.0)
                 self._lost(ConnectionLostError(f"cannot write to the broker: {exc}"))
                 return
 
