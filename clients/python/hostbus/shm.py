@@ -13,6 +13,7 @@ import contextlib
 import mmap
 import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -64,6 +65,8 @@ def fetch_fd(path: str, token: str, timeout: float = 10.0) -> int:
 
 
 _MSG_BLOCK = wire.frames.MSG_BLOCK
+#: A publish record's fixed part and the message block's, packed at once.
+_RECORD_HEAD = struct.Struct("<IBHHI")
 
 
 class _Ring:
@@ -131,6 +134,7 @@ class RingWriter(_Ring):
     def __init__(self, res: dict[str, Any], fd: int, check: Callable[[], None]) -> None:
         super().__init__(res, fd, check)
         self.writer = layout.SlotWriter(self.mm, self.slots, self.slot_size)
+        self._topics: dict[str, bytes] = {}
 
     @property
     def written(self) -> int:
@@ -145,16 +149,18 @@ class RingWriter(_Ring):
             raise self.closed_error()
         if isinstance(data, str):
             data = data.encode()
-        topics.check_topic(topic)
-        tb = topic.encode()
+        tb = self._topics.get(topic)
+        if tb is None:  # checked once per topic (a bounded cache)
+            topics.check_topic(topic)
+            if len(self._topics) >= 4096:
+                self._topics.clear()
+            tb = self._topics[topic] = topic.encode()
         hb = wire.encode_headers(headers) if headers else b""
-        size = wire.frames.MSG_BLOCK.size + len(tb) + len(hb) + len(data)
+        size = 8 + len(tb) + len(hb) + len(data)
         if size > self.max_message_bytes:
             raise MessageTooLargeError(f"message of {size} bytes exceeds the ring's limit of "
                                        f"{self.max_message_bytes} (shm.max_message_bytes); nothing was written")
-        head = b"".join((layout.PUB_RECORD.pack(size, wire.PUB_RETAIN if retain else 0),
-                         wire.frames.MSG_BLOCK.pack(len(tb), 0, len(hb)), tb, hb))
-        return head, data
+        return _RECORD_HEAD.pack(size, wire.PUB_RETAIN if retain else 0, len(tb), 0, len(hb)) + tb + hb, data
 
     def slots_to_take(self, record: tuple[bytes, Any]) -> int:
         """Before writing ``record``: hand over the open slot if the record does not fit in it;
