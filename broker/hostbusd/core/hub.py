@@ -82,8 +82,9 @@ class Hub:
             if session.principals is not None:
                 session.access = self.policy.access(session.principals)
                 self._recheck_subscriptions(session)
-            if session.ring_sids:
-                self._recheck_ring_subscriptions(session)
+            for ring in session.rings.values():
+                if ring.session is not None:
+                    ring.session.account_max_queued = lim.max_queued_bytes_per_uid
         router.retained.max_topics = config.retained.max_topics
         router.retained.max_bytes = config.retained.max_bytes
         router.retained.max_topics_per_uid = config.retained.max_topics_per_uid
@@ -99,30 +100,18 @@ class Hub:
                 *(gw.session for gw in self.gateways.values())]
 
     def _recheck_subscriptions(self, session: Session) -> None:
-        for sid, sub in list(session.subs.items()):
+        """The session's subscriptions, socket and ring ones, under its new rules: filters
+        recomputed, the refused ones ended and told on its connection."""
+        held = [(sid, sub, session) for sid, sub in session.subs.items()]
+        for sid, ring in session.ring_sids.items():
+            if ring.session is not None and sid in ring.session.subs:
+                held.append((sid, ring.session.subs[sid], ring.session))
+        for sid, sub, holder in held:
             try:
                 sub.acl = self.router.subscribe_filter(session, sub.pattern, sub.group)
             except PermissionDeniedError as exc:
-                self.router.unsubscribe(session, sid)
-                self.denied["ended"] += 1
-                self.peer_error("subscription_ended", session, sid=sid, pattern=sub.pattern, reason=str(exc))
-                session.send(wire.encode_err(ErrorCode.PERMISSION_DENIED, sid,
-                                             f"subscription ended by new access rules: {exc}", fatal=False))
-
-    def _recheck_ring_subscriptions(self, session: Session) -> None:
-        """Subscriptions delivered through the session's rings: the same rules, told on its socket."""
-        for sid, ring in list(session.ring_sids.items()):
-            rsession = ring.session
-            sub = rsession.subs.get(sid) if rsession is not None else None
-            if sub is None:
-                continue
-            rsession.access = session.access
-            rsession.account_max_queued = session.account_max_queued
-            try:
-                sub.acl = self.router.subscribe_filter(session, sub.pattern, None)
-            except PermissionDeniedError as exc:
-                self.router.unsubscribe(rsession, sid)
-                del session.ring_sids[sid]
+                self.router.unsubscribe(holder, sid)
+                session.ring_sids.pop(sid, None)
                 self.denied["ended"] += 1
                 self.peer_error("subscription_ended", session, sid=sid, pattern=sub.pattern, reason=str(exc))
                 session.send(wire.encode_err(ErrorCode.PERMISSION_DENIED, sid,

@@ -130,10 +130,13 @@ class Router:
 
     # ---- subscriptions ------------------------------------------------------------------------
 
-    def subscribe(self, session: Session, sid: int, opts: SubscribeOptions) -> tuple[Subscription, int]:
+    def subscribe(self, session: Session, sid: int, opts: SubscribeOptions,
+                  rules_of: Session | None = None) -> tuple[Subscription, int]:
         """Add a subscription and deliver matching retained messages to it first.
 
-        Returns the subscription and how many retained messages it was handed (the work done).
+        ``rules_of``: the session whose access rules decide (a deliver ring's owner), if not
+        ``session`` itself. Returns the subscription and how many retained messages it was
+        handed (the work done).
         """
         pattern = opts.pattern
         problem = topics.pattern_problem(pattern)
@@ -162,7 +165,7 @@ class Router:
                 "the limit (limits.max_subscriptions_per_uid)",
                 code=ErrorCode.LIMIT,
             )
-        acl = self.subscribe_filter(session, pattern, opts.group)
+        acl = self.subscribe_filter(rules_of or session, pattern, opts.group)
         sub = Subscription(session, sid, pattern, opts.group,
                            opts.queue if opts.queue is not None else OutboundQueue(opts.policy, opts.max_msgs,
                                                                                    opts.max_bytes))

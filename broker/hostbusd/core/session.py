@@ -63,11 +63,6 @@ class Account:
         self.rings = 0  # shared-memory rings
 
     @property
-    def held(self) -> int:
-        """Message bytes the broker holds for this uid's connections."""
-        return self.queued_bytes + self.written_bytes
-
-    @property
     def idle(self) -> bool:
         return not (self.connections or self.subscriptions or self.queued_bytes or self.written_bytes or self.rings)
 
@@ -177,14 +172,16 @@ class Session:
             return
         q = sub.queue
         account = self.account
-        if not self.paused and not q.items and (account is None or account.held < self.account_max_queued):
+        # What the uid holds (queued, and written but not yet sent) is checked before each message.
+        if not self.paused and not q.items and (
+                account is None or account.queued_bytes + account.written_bytes < self.account_max_queued):
             self._write_msg(sub, ident, block, flags)
             self._poke()
             return
         missed = q.missed
         room = self.max_queued_bytes - self.queued_bytes
         if account is not None:
-            room = min(room, self.account_max_queued - account.held)
+            room = min(room, self.account_max_queued - account.queued_bytes - account.written_bytes)
         try:
             delta = q.push((ident, block, flags), len(block), room)
         except Overflow:

@@ -44,7 +44,6 @@ from hostbus.topics import show
 from hostbusd.core.identity import Identity
 from hostbusd.core.router import SubscribeOptions
 from hostbusd.core.session import Session, Subscription
-from hostbusd.core.sink import RecordSession
 from hostbusd.net import LoopEgress
 
 if TYPE_CHECKING:
@@ -96,17 +95,12 @@ def sweep_stale(log: Any) -> int:
     return removed
 
 
-class RingSession(RecordSession):
-    """The subscriber side of a deliver ring: one record per message, packed into slots."""
+class RingSession(Session):
+    """The subscriber side of a deliver ring: one record per message and subscription (as on a
+    socket), packed into slots. Its subscriptions' access filters are the owner's, computed on
+    the owner's session (RingService.subscribe, Hub._recheck_subscriptions)."""
 
     __slots__ = ()
-
-    def record(self, ident: Identity, block: bytes) -> bytes:
-        raise NotImplementedError  # _write_msg builds the record: it needs the subscription
-
-    def deliver(self, sub: Subscription, ident: Identity, block: bytes, flags: int = 0) -> None:
-        # Each subscription gets its own record, as on a socket (no once-per-message dedupe).
-        Session.deliver(self, sub, ident, block, flags)
 
     def send(self, data: bytes) -> None:
         raise AssertionError("a ring carries messages only; control frames go to the owner's connection")
@@ -273,8 +267,6 @@ class Ring(LoopEgress):
             self.session = RingSession(owner.ident, batch_bytes=self.slot_size,
                                        max_queued_bytes=lim.max_queued_bytes_per_connection)
             self.session.egress = self
-            self.session.access = owner.access
-            self.session.principals = owner.principals
             # Charged to the owner's uid like its socket subscriptions: subscriptions and bytes held.
             self.session.account = owner.account
             self.session.account_max_queued = owner.account_max_queued
@@ -610,9 +602,7 @@ class RingService:
             raise LimitExceededError(
                 f"connection already has {len(session.subs) + len(session.ring_sids)} subscriptions, the limit "
                 "(limits.max_subscriptions_per_connection)", code=ErrorCode.LIMIT)
-        acl = self.hub.router.subscribe_filter(session, opts.pattern, None)  # refuses as for the socket
-        _, delivered = self.hub.router.subscribe(ring.session, sid, opts)
-        ring.session.subs[sid].acl = acl
+        _, delivered = self.hub.router.subscribe(ring.session, sid, opts, rules_of=session)  # the owner's rules
         session.ring_sids[sid] = ring
         return delivered
 

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -395,13 +396,8 @@ class ShmPublisher:
     async def flush(self, timeout: float | None = DEFAULT_CONTROL_TIMEOUT) -> None:
         ring = self.ring
         ring.hand_over()
-        deadline = None if timeout is None else self.bus._loop.time() + timeout
-        while not ring.drained():
-            ring.check()
-            if ring.closed is not None:
-                raise ring.closed_error()
-            if deadline is not None and self.bus._loop.time() > deadline:
-                raise HostbusTimeoutError(f"flush of ring {ring.id}: not routed within {timeout} s")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not ring.routed(deadline):
             await asyncio.sleep(0.0005)
         await self.bus.flush(timeout)
 

@@ -46,48 +46,6 @@ def slot_capacity(slot_size: int) -> int:
     return slot_size - SLOT_HEAD.size
 
 
-class SlotFiller:
-    """Packs records into slots: whole records into ``BATCH`` slots, a record too large for one
-    slot into ``FIRST``/``MIDDLE``/``LAST`` slots. Yields each slot's bytes (head included) to
-    write; the caller owns the semaphores."""
-
-    __slots__ = ("buf", "cap", "records")
-
-    def __init__(self, slot_size: int) -> None:
-        self.cap = slot_capacity(slot_size)
-        self.buf = bytearray()
-        self.records = 0
-
-    def add(self, record: bytes) -> Iterator[bytes]:
-        """Slots completed by adding ``record`` (the current batch stays open)."""
-        if len(self.buf) + len(record) <= self.cap and self.records < 0xFFFF:
-            self.buf += record
-            self.records += 1
-            return
-        if self.records:
-            yield self.take()
-        if len(record) <= self.cap:
-            self.buf += record
-            self.records = 1
-            return
-        data = TOTAL.pack(len(record)) + record
-        cap = self.cap
-        n = (len(data) + cap - 1) // cap
-        for i in range(n):
-            kind = FIRST if i == 0 else LAST if i == n - 1 else MIDDLE
-            chunk = data[i * cap:(i + 1) * cap]
-            yield SLOT_HEAD.pack(kind, 0, 0, len(chunk)) + chunk
-
-    def take(self) -> bytes:
-        """The open batch as a slot (empty bytes if there is none)."""
-        if not self.records:
-            return b""
-        out = SLOT_HEAD.pack(BATCH, 0, self.records, len(self.buf)) + self.buf
-        self.buf = bytearray()
-        self.records = 0
-        return out
-
-
 class SlotReader:
     """Turns slots, in ring order, back into records; checks every length it is given."""
 

@@ -215,9 +215,17 @@ class RingWriter(_Ring):
         if self.writer.finish():
             self.filled.release()
 
-    def drained(self) -> bool:
-        """Every slot is back: the broker has routed all that was posted."""
-        return bool(self.free.value >= self.slots)
+    def routed(self, deadline: float | None) -> bool:
+        """True once every slot is back (the broker has routed all that was posted); raises if
+        the ring or the connection ended, or ``deadline`` (time.monotonic) passed first."""
+        if self.free.value >= self.slots:
+            return True
+        self.check()
+        if self.closed is not None:
+            raise self.closed_error()
+        if deadline is not None and time.monotonic() > deadline:
+            raise HostbusTimeoutError(f"flush of ring {self.id}: what was posted was not routed in time")
+        return False
 
 
 class ShmPublisher:
@@ -255,12 +263,7 @@ class ShmPublisher:
         ring = self.ring
         ring.hand_over()
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not ring.drained():  # the broker gives every slot back once it routed it
-            ring.check()
-            if ring.closed is not None:
-                raise ring.closed_error()
-            if deadline is not None and time.monotonic() > deadline:
-                raise HostbusTimeoutError(f"flush of ring {ring.id}: not routed within {timeout} s")
+        while not ring.routed(deadline):  # the broker gives every slot back once it routed it
             time.sleep(0.0005)
         self.bus.flush(timeout)
 
