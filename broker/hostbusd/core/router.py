@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
+from typing import Any
 
 from hostbus import topics, wire
 from hostbus.errors import (
@@ -109,6 +110,7 @@ class Router:
         self.stats = RouterStats()
         self.stats_max_topics = stats_max_topics
         self._valid_topics: dict[bytes, str] = {}  # UTF-8 form -> checked topic
+        self.queues: Any = None  # core.queues.QueueService once the broker runs: topic queues capture messages
 
     # ---- sessions -----------------------------------------------------------------------------
 
@@ -298,11 +300,12 @@ class Router:
             )
 
     def publish(self, ident: Identity, topic: str, block: bytes, flags: int = 0,
-                reply: str = "", payload_len: int = 1, origin: Session | None = None) -> int:
+                reply: str = "", payload_len: int = 1, origin: Session | None = None, confirm: Any = None) -> int:
         """Route one message block; returns the number of subscriptions it was handed to.
 
         ``topic`` must have passed :meth:`check_topic`. ``origin`` is the publishing session,
-        told at once (NORESP) when a request finds nobody.
+        told at once (NORESP) when a request finds nobody. Topic queues whose subjects match
+        store the message too; ``confirm`` (a confirmed publish) collects their answers.
         """
         stats = self.stats
         stats.msgs_in += 1
@@ -334,6 +337,12 @@ class Router:
                     sub.session.deliver(sub, ident, block)
                 n += 1
         stats.deliveries += n
+        queues = self.queues
+        if queues is not None and queues.queues:
+            capturing = queues.capturing(topic)
+            if capturing:
+                queues.capture(capturing, ident, block, payload_len, origin, confirm)
+                n += len(capturing)
         if n == 0 and flags & wire.PUB_REQUEST and origin is not None:
             stats.no_responders += 1
             origin.send(wire.frame(wire.FrameType.NORESP, reply.encode()))

@@ -29,6 +29,10 @@ MAX_KNOWN_SENDERS = 4096
 _msg_header = wire.msg_header
 _MSG_OVERHEAD = wire.HEADER_SIZE + wire.frames.MSG_PREFIX.size  # MSG frame bytes before the block
 _SENDER_RESET = wire.frame(wire.FrameType.SENDER_RESET)
+_qmsg_head = wire.frames.QMSG_HEAD.pack
+_QMSG = int(wire.FrameType.QMSG)
+_QMSG_OVERHEAD = wire.frames.QMSG_HEAD.size
+_QMSG_LEN = 2 + wire.frames.QMSG_PREFIX.size  # the length field: type, flags, prefix, then the block
 
 
 class Egress(Protocol):
@@ -52,7 +56,7 @@ class _NullEgress:
 class Account:
     """What one uid holds across its connections, and its limits (``limits.*_per_uid``)."""
 
-    __slots__ = ("connections", "queued_bytes", "rings", "subscriptions", "uid", "written_bytes")
+    __slots__ = ("connections", "consumers", "queued_bytes", "rings", "subscriptions", "uid", "written_bytes")
 
     def __init__(self, uid: int) -> None:
         self.uid = uid
@@ -61,10 +65,12 @@ class Account:
         self.queued_bytes = 0  # in subscription queues
         self.written_bytes = 0  # handed to transports that have not sent them yet
         self.rings = 0  # shared-memory rings
+        self.consumers = 0  # topic-queue consumers attached (one per consuming subscription)
 
     @property
     def idle(self) -> bool:
-        return not (self.connections or self.subscriptions or self.queued_bytes or self.written_bytes or self.rings)
+        return not (self.connections or self.subscriptions or self.queued_bytes or self.written_bytes or self.rings
+                    or self.consumers)
 
 
 class Subscription:
@@ -101,6 +107,7 @@ class Session:
         "bytes_in",
         "bytes_out",
         "closing",
+        "confirms",
         "dropped",
         "egress",
         "flush_pending",
@@ -110,6 +117,7 @@ class Session:
         "inbox_token",
         "known",
         "max_queued_bytes",
+        "members",
         "msgs_in",
         "msgs_out",
         "name",
@@ -133,6 +141,8 @@ class Session:
         self.account_max_queued = 0
         self.rings: dict[int, Any] = {}  # ring id -> the connection's shared-memory rings (net.ring.Ring)
         self.ring_sids: dict[int, Any] = {}  # sid -> the deliver ring a subscription delivers through
+        self.members: dict[int, Any] = {}  # sid -> the topic-queue consumer it consumes (core.queues.Member)
+        self.confirms = 0  # confirmed publishes waiting for storage
         self.egress: Egress = _NullEgress()
         # Called once when the session fails (code, message, peer_fault), before the egress closes:
         # the owner detaches it from the router at once, so nothing is routed to a dying peer.
@@ -220,6 +230,28 @@ class Session:
         self.msgs_out += 1
         if self.account is not None:
             self.account.written_bytes += n
+
+    def deliver_stored(self, sid: int, ident: Identity, seq: int, count: int, time_ns: int, block: bytes) -> None:
+        """Hand one stored message of a topic-queue consumer to this member (a QMSG frame).
+
+        Not queued per subscription: what a consumer may have outstanding is bounded by its
+        ``max_inflight``, and members whose connection is paused are given nothing."""
+        if self.closing:
+            return
+        if ident.ref not in self.known:
+            if len(self.known) >= MAX_KNOWN_SENDERS:
+                self.known.clear()
+                self._append(_SENDER_RESET)
+            self.known.add(ident.ref)
+            self._append(ident.frame())
+        self.out.append(_qmsg_head(len(block) + _QMSG_LEN, _QMSG, 0, sid, ident.ref, seq, count, time_ns))
+        self.out.append(block)
+        n = len(block) + _QMSG_OVERHEAD
+        self.out_bytes += n
+        self.msgs_out += 1
+        if self.account is not None:
+            self.account.written_bytes += n
+        self._poke()
 
     def _emit_gap(self, sub: Subscription) -> None:
         """Tell the subscriber how many messages its subscription missed (a GAP frame)."""

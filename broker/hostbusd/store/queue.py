@@ -35,9 +35,26 @@ class Log(Protocol):
     @property
     def last_seq(self) -> int: ...
 
+    @property
+    def nbytes(self) -> int: ...
+
+    def __len__(self) -> int: ...
+
     def append(self, payloads: list[bytes], now_ns: int | None = None) -> list[int]: ...
 
-    def read(self, start: int = 1, limit: int | None = None) -> Iterator[tuple[int, int, bytes]]: ...
+    def read(self, start: int = 1, limit: int | None = None, stop: int | None = None,
+             ) -> Iterator[tuple[int, int, bytes]]: ...
+
+    def seq_at_time(self, time_ns: int) -> int: ...
+
+    def trim(self, *, max_msgs: int | None = None, max_bytes: int | None = None, max_age_ns: int | None = None,
+             below_seq: int | None = None, now_ns: int | None = None) -> int: ...
+
+    def drop_below(self, seq: int) -> int: ...
+
+    def sync_handle(self) -> int: ...
+
+    def close(self) -> None: ...
 
 
 class MemoryLog:
@@ -47,6 +64,7 @@ class MemoryLog:
         self._records: dict[int, tuple[int, bytes]] = {}
         self._first = 1
         self._next = 1
+        self._bytes = 0
 
     @property
     def first_seq(self) -> int:
@@ -56,6 +74,10 @@ class MemoryLog:
     def last_seq(self) -> int:
         return self._next - 1
 
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
     def __len__(self) -> int:
         return self._next - self._first
 
@@ -64,25 +86,61 @@ class MemoryLog:
         seqs = []
         for p in payloads:
             self._records[self._next] = (t, p)
+            self._bytes += len(p)
             seqs.append(self._next)
             self._next += 1
         return seqs
 
-    def read(self, start: int = 1, limit: int | None = None) -> Iterator[tuple[int, int, bytes]]:
+    def read(self, start: int = 1, limit: int | None = None, stop: int | None = None,
+             ) -> Iterator[tuple[int, int, bytes]]:
         first = max(start, self._first)
-        stop = self._next if limit is None else min(self._next, first + limit)
-        for seq in range(first, stop):
-            t, p = self._records[seq]
-            yield seq, t, p
+        end = self._next if stop is None else min(self._next, stop)
+        if limit is not None:
+            end = min(end, first + limit)
+        for seq in range(first, end):
+            rec = self._records.get(seq)
+            if rec is None:  # removed while a reader was between records
+                continue
+            yield seq, rec[0], rec[1]
 
-    def trim(self, *, below_seq: int) -> int:
-        """Forget records below ``below_seq`` (what every consumer has acknowledged)."""
+    def seq_at_time(self, time_ns: int) -> int:
+        for seq in range(self._first, self._next):
+            if self._records[seq][0] >= time_ns:
+                return seq
+        return self._next
+
+    def trim(self, *, max_msgs: int | None = None, max_bytes: int | None = None, max_age_ns: int | None = None,
+             below_seq: int | None = None, now_ns: int | None = None) -> int:
+        """Forget the oldest records while a limit is exceeded; returns how many."""
+        now = time.time_ns() if now_ns is None else now_ns
+        floor = self._first
+        if max_msgs is not None:
+            floor = max(floor, self._next - max_msgs)
+        if below_seq is not None:
+            floor = max(floor, below_seq)
+        if max_age_ns is not None:
+            floor = max(floor, self.seq_at_time(now - max_age_ns))
+        n = self.drop_below(floor)
+        if max_bytes is not None:
+            while self._bytes > max_bytes and self._first < self._next:
+                n += self.drop_below(self._first + 1)
+        return n
+
+    def drop_below(self, seq: int) -> int:
         n = 0
-        while self._first < min(below_seq, self._next):
-            self._records.pop(self._first, None)
+        while self._first < min(seq, self._next):
+            rec = self._records.pop(self._first, None)
+            if rec is not None:
+                self._bytes -= len(rec[1])
             self._first += 1
             n += 1
         return n
+
+    def sync_handle(self) -> int:
+        return -1  # nothing to make durable
+
+    def close(self) -> None:
+        pass
 
 
 @dataclass
@@ -134,24 +192,31 @@ DeadLetter = Callable[[int, bytes, int, str], None]  # seq, payload, deliveries,
 
 class Consumer:
     def __init__(self, state: ConsumerState, options: ConsumerOptions, log: Log, dead_letter: DeadLetter,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, accept: Callable[[bytes], bool] | None = None) -> None:
         self.state = state
         self.options = options
         self.log = log
         self.dead_letter = dead_letter
         self.clock = clock
+        self.accept = accept  # a filter: records it refuses are passed over (done for this consumer)
         self.redelivered = 0
         self.dead_lettered = 0
 
     # ---- handing out --------------------------------------------------------------------------
 
-    def take(self, n: int) -> list[Delivery]:
-        """Up to ``n`` deliveries: those due again first (oldest first), then new messages,
-        never more than ``max_inflight`` unacknowledged at once."""
+    def next_due(self) -> float | None:
+        """When the earliest unacknowledged delivery is due again (None: nothing pending)."""
+        pending = self.state.pending
+        return min(p.due for p in pending.values()) if pending else None
+
+    def take(self, n: int, upto: int | None = None) -> list[Delivery]:
+        """Up to ``n`` deliveries: those due again first (oldest first), then new messages up to
+        seq ``upto`` (what may be handed out yet: what is durable), never more than
+        ``max_inflight`` unacknowledged at once."""
         st = self.state
         now = self.clock()
         out: list[Delivery] = []
-        due = sorted(seq for seq, p in st.pending.items() if p.due <= now)
+        due = sorted(seq for seq, p in st.pending.items() if p.due <= now) if st.pending else []
         for seq in due:
             if len(out) >= n:
                 break
@@ -170,14 +235,23 @@ class Consumer:
             self.redelivered += 1
             out.append(Delivery(seq, p.count, stored[0], stored[1]))
         room = min(n - len(out), self.options.max_inflight - len(st.pending))  # pending: all outstanding
-        if room > 0:
+        stop = None if upto is None else upto + 1
+        accept = self.accept
+        while room > 0:
             start = max(st.next_seq, self.log.first_seq)
-            for seq, t, payload in self.log.read(start, room):
-                st.pending[seq] = Pending(1, now + self.options.ack_wait)
+            got = 0
+            for seq, t, payload in self.log.read(start, room, stop):
+                got += 1
                 st.next_seq = seq + 1
+                if accept is not None and not accept(payload):
+                    self._done(seq, pending=False)
+                    continue
+                st.pending[seq] = Pending(1, now + self.options.ack_wait)
                 out.append(Delivery(seq, 1, t, payload))
-                if len(out) >= n:
-                    break
+                room -= 1
+            if not got or accept is None:
+                break
+            st.next_seq = max(st.next_seq, start)
         return out
 
     def _wait(self, count: int) -> float:
@@ -230,9 +304,10 @@ class Consumer:
         for p in self.state.pending.values():
             p.due = now
 
-    def _done(self, seq: int) -> None:
+    def _done(self, seq: int, pending: bool = True) -> None:
         st = self.state
-        st.pending.pop(seq, None)
+        if pending:
+            st.pending.pop(seq, None)
         st.done_above_floor.add(seq)
         while st.ack_floor + 1 in st.done_above_floor:  # the floor advances over what is done
             st.ack_floor += 1

@@ -10,8 +10,16 @@ A queue's directory holds segment files named by the sequence number of their fi
     payload
 
 Appends go to the last segment until it holds ``max_segment_bytes``; then a new one starts.
-Retention deletes whole segments, oldest first. ``sync()`` makes what was appended durable
-(``fdatasync``); when to call it is the caller's policy (always / interval / never).
+``sync()`` makes what was appended durable (``fdatasync``); when to call it is the caller's
+policy (always / interval / never); :meth:`SegmentLog.sync_handle` lets the caller run the
+``fdatasync`` on a thread of its own while appends go on.
+
+The log has a **floor**: records below it are gone for readers (retention by count, bytes or
+age, acknowledged records, a purge). A segment is deleted once all its records are below the
+floor; the floor itself is the caller's to store (a restart re-applies retention).
+
+Memory: an index of 16 bytes per record (offset and time) is kept, so any record is one
+``pread`` and retention is exact to the record.
 
 Recovery (:meth:`SegmentLog.open`) reads every segment and checks every record's length,
 checksum and sequence. The first bad record of a segment ends what is kept of it: in the last
@@ -25,11 +33,13 @@ No I/O happens outside the queue's directory, and nothing here knows about topic
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import os
 import struct
 import time
 import zlib
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +64,11 @@ class Segment:
     size: int  # bytes
     first_time: int = 0  # time_ns of its first record
     last_time: int = 0
+    # The index kept in memory, 16 bytes per record: where each record starts, and when it was
+    # stored. Reads of any seq are one pread; retention by bytes and age is exact to the record.
+    offsets: array[int] = field(default_factory=lambda: array("Q"))
+    times: array[int] = field(default_factory=lambda: array("q"))
+    fd: int = -1  # opened for reading on first use
 
 
 @dataclass
@@ -70,20 +85,21 @@ def _name(first: int) -> str:
 
 
 class SegmentLog:
-    """One queue's records on disk. Not thread-safe: one owner (the broker's loop, or a writer)."""
+    """One queue's records on disk. Not thread-safe: one owner (the broker's loop)."""
 
     def __init__(self, directory: Path, max_segment_bytes: int = 64 * 1024 * 1024) -> None:
         self.dir = directory
         self.max_segment_bytes = max_segment_bytes
         self.segments: list[Segment] = []
         self.recovery = Recovery()
+        self.floor = 1  # the first seq readers see
         self._fd = -1  # the last segment, open for appending
         self._dirty = False
 
     # ---- opening ------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, directory: Path, max_segment_bytes: int = 64 * 1024 * 1024) -> SegmentLog:
+    def open(cls, directory: Path, max_segment_bytes: int = 64 * 1024 * 1024, floor: int = 1) -> SegmentLog:
         """Open (creating it if missing) and recover a log; see the module docstring."""
         log = cls(directory, max_segment_bytes)
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -104,36 +120,39 @@ class SegmentLog:
             log.segments.append(seg)
             expected = seg.last + 1
         if not log.segments:
-            log._new_segment(1)
+            log._new_segment(max(floor, 1))
         else:
             log._fd = os.open(log.segments[-1].path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        log.floor = max(log.segments[0].first, min(floor, log.last_seq + 1))
+        log.drop_below(log.floor)
         return log
 
     def _scan(self, path: Path, first: int) -> Segment:
         data = path.read_bytes()
+        seg = Segment(path, first, first - 1, 0)
         pos = 0
-        seq = first - 1
-        first_time = last_time = 0
         while pos < len(data):
-            rec = self._record_at(data, pos, seq + 1)
+            rec = self._record_at(data, pos, seg.last + 1)
             if rec is None:
                 break
             length, _, t = rec
-            if seq == first - 1:
-                first_time = t
-            last_time = t
-            seq += 1
+            seg.offsets.append(pos)
+            seg.times.append(t)
+            seg.last += 1
             pos += 4 + length
+        if seg.offsets:
+            seg.first_time, seg.last_time = seg.times[0], seg.times[-1]
         if pos < len(data):
             dropped = self._count_tail(data, pos)
             self.recovery.files[path.name] = (len(data) - pos, dropped)
             with open(path, "r+b") as f:
                 f.truncate(pos)
                 os.fsync(f.fileno())
-        return Segment(path, first, seq, pos, first_time, last_time)
+        seg.size = pos
+        return seg
 
     @staticmethod
-    def _record_at(data: bytes, pos: int, want_seq: int) -> tuple[int, int, int] | None:
+    def _record_at(data: bytes | memoryview, pos: int, want_seq: int) -> tuple[int, int, int] | None:
         """(length, seq, time_ns) of a whole, valid record at ``pos`` with seq ``want_seq``; else None."""
         if pos + HEAD.size + META.size > len(data):
             return None
@@ -160,22 +179,29 @@ class SegmentLog:
             pos += 4 + length
         return n
 
-    # ---- writing ------------------------------------------------------------------------------
+    # ---- size ---------------------------------------------------------------------------------
 
     @property
     def first_seq(self) -> int:
-        return self.segments[0].first
+        return self.floor
 
     @property
     def last_seq(self) -> int:
         return self.segments[-1].last
 
     def __len__(self) -> int:
-        return self.last_seq - self.first_seq + 1
+        return self.last_seq - self.floor + 1
 
     @property
     def nbytes(self) -> int:
-        return sum(s.size for s in self.segments)
+        """Bytes of the records at or above the floor."""
+        total = sum(s.size for s in self.segments)
+        first = self.segments[0]
+        if first.first <= self.floor <= first.last:
+            total -= first.offsets[self.floor - first.first]
+        return total
+
+    # ---- writing ------------------------------------------------------------------------------
 
     def append(self, payloads: list[bytes], now_ns: int | None = None) -> list[int]:
         """Append records; their sequence numbers. One write per segment touched; durable only
@@ -185,23 +211,26 @@ class SegmentLog:
         buf = bytearray()
         seg = self.segments[-1]
         seq = seg.last
+        starts: list[int] = []
         for payload in payloads:
             if len(payload) + META.size > MAX_RECORD:
                 raise StorageError(f"a record of {len(payload)} bytes is larger than the log accepts")
             if seg.size + len(buf) >= self.max_segment_bytes and (buf or seg.size):
                 if buf:
-                    self._write(seg, buf)
+                    self._write(seg, buf, starts, t)
                     buf = bytearray()
+                    starts = []
                 seg = self._new_segment(seq + 1)
             seq += 1
             body = META.pack(seq, t) + payload
+            starts.append(len(buf))
             buf += HEAD.pack(len(body) + 4, zlib.crc32(body)) + body
             seqs.append(seq)
         if buf:
-            self._write(seg, buf)
+            self._write(seg, buf, starts, t)
         return seqs
 
-    def _write(self, seg: Segment, buf: bytearray) -> None:
+    def _write(self, seg: Segment, buf: bytearray, starts: list[int], t: int) -> None:
         try:
             view = memoryview(buf)
             done = 0
@@ -212,17 +241,12 @@ class SegmentLog:
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, seg.size)
             raise StorageError(f"cannot append to {seg.path}: {exc.strerror or exc}") from None
-        # The records of this write: count them from the buffer.
-        pos = 0
-        last = seg.last
-        while pos < len(buf):
-            length = HEAD.unpack_from(buf, pos)[0]
-            last = META.unpack_from(buf, pos + HEAD.size)[0]
-            pos += 4 + length
-        t = META.unpack_from(buf, HEAD.size)[1]
-        if seg.size == 0:
+        base = seg.size
+        seg.offsets.extend(base + s for s in starts)
+        seg.times.extend([t] * len(starts))
+        if seg.last < seg.first:
             seg.first_time = t
-        seg.last = last
+        seg.last += len(starts)
         seg.last_time = t
         seg.size += len(buf)
         self._dirty = True
@@ -231,6 +255,7 @@ class SegmentLog:
         if self._fd >= 0:
             self.sync()
             os.close(self._fd)
+            self._fd = -1
         path = self.dir / _name(first)
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         seg = Segment(path, first, first - 1, 0)
@@ -247,6 +272,20 @@ class SegmentLog:
                 raise StorageError(f"cannot sync {self.segments[-1].path}: {exc.strerror}") from None
             self._dirty = False
 
+    def sync_handle(self) -> int:
+        """For a sync on another thread: a duplicate of the open segment's descriptor (the caller
+        runs ``fdatasync`` on it, then closes it), or -1 if nothing was appended since the last
+        sync. Everything appended before this call is durable once that ``fdatasync`` returns
+        (records of earlier segments were synced when their segment was closed)."""
+        if not self._dirty or self._fd < 0:
+            return -1
+        self._dirty = False
+        return os.dup(self._fd)
+
+    @property
+    def dirty(self) -> bool:
+        return self._dirty
+
     def _sync_dir(self) -> None:
         fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -256,62 +295,120 @@ class SegmentLog:
 
     # ---- reading ------------------------------------------------------------------------------
 
-    def read(self, start: int = 1, limit: int | None = None) -> Iterator[tuple[int, int, bytes]]:
-        """(seq, time_ns, payload) from ``start`` on (at most ``limit``), checksums checked."""
-        n = 0
-        for seg in self.segments:
-            if seg.last < start or seg.last < seg.first:
+    def read(self, start: int = 1, limit: int | None = None, stop: int | None = None,
+             ) -> Iterator[tuple[int, int, bytes]]:
+        """(seq, time_ns, payload) from ``start`` (at least the floor) to ``stop`` (exclusive;
+        default: the end), at most ``limit``; checksums checked. One pread per segment touched."""
+        start = max(start, self.floor)
+        end = self.last_seq + 1 if stop is None else min(stop, self.last_seq + 1)
+        if limit is not None:
+            end = min(end, start + limit)
+        i = self._segment_of(start)
+        while start < end and i < len(self.segments):
+            seg = self.segments[i]
+            i += 1
+            if seg.last < start:
                 continue
-            data = seg.path.read_bytes()[:seg.size]
+            hi = min(end, seg.last + 1)
+            lo_off = seg.offsets[start - seg.first]
+            hi_off = seg.offsets[hi - seg.first] if hi <= seg.last else seg.size
+            if seg.fd < 0:
+                seg.fd = os.open(seg.path, os.O_RDONLY | os.O_CLOEXEC)
+            data = os.pread(seg.fd, hi_off - lo_off, lo_off)
             pos = 0
-            seq = seg.first - 1
-            while pos < len(data):
-                rec = self._record_at(data, pos, seq + 1)
+            for seq in range(start, hi):
+                rec = self._record_at(data, pos, seq)
                 if rec is None:
-                    raise StorageError(f"{seg.path} changed under the broker at byte {pos}")
-                length, seq, t = rec
-                if seq >= start:
-                    yield seq, t, bytes(data[pos + HEAD.size + META.size:pos + 4 + length])
-                    n += 1
-                    if limit is not None and n >= limit:
-                        return
+                    raise StorageError(f"{seg.path} changed under the broker at byte {lo_off + pos}")
+                length = rec[0]
+                yield seq, rec[2], data[pos + HEAD.size + META.size:pos + 4 + length]
                 pos += 4 + length
+            start = hi
+
+    def _segment_of(self, seq: int) -> int:
+        """Index of the segment holding ``seq`` (or the first after it)."""
+        firsts = [s.first for s in self.segments]
+        return max(0, bisect.bisect_right(firsts, seq) - 1)
+
+    def time_of(self, seq: int) -> int:
+        seg = self.segments[self._segment_of(seq)]
+        return seg.times[seq - seg.first]
 
     def seq_at_time(self, time_ns: int) -> int:
-        """The first seq stored at or after ``time_ns`` (last_seq + 1 if none)."""
+        """The first seq at or above the floor stored at or after ``time_ns`` (last_seq + 1 if none)."""
         for seg in self.segments:
-            if seg.last >= seg.first and seg.last_time >= time_ns:
-                for seq, t, _ in self.read(seg.first):
-                    if t >= time_ns:
-                        return seq
+            if seg.last >= max(seg.first, self.floor) and seg.last_time >= time_ns:
+                lo = max(0, self.floor - seg.first)
+                return seg.first + bisect.bisect_left(seg.times, time_ns, lo)
         return self.last_seq + 1
 
     # ---- retention ----------------------------------------------------------------------------
 
     def trim(self, *, max_msgs: int | None = None, max_bytes: int | None = None, max_age_ns: int | None = None,
              below_seq: int | None = None, now_ns: int | None = None) -> int:
-        """Delete whole segments, oldest first, while a limit is exceeded (never the segment being
-        appended to); returns the records deleted."""
+        """Raise the floor while a limit is exceeded (oldest records first) and delete the
+        segments left wholly below it; returns the records removed."""
         now = time.time_ns() if now_ns is None else now_ns
-        deleted = 0
-        while len(self.segments) > 1:
+        floor = self.floor
+        last = self.last_seq
+        if max_msgs is not None:
+            floor = max(floor, last - max_msgs + 1)
+        if below_seq is not None:
+            floor = max(floor, min(below_seq, last + 1))
+        if max_age_ns is not None:
+            floor = max(floor, self.seq_at_time(now - max_age_ns))
+        if max_bytes is not None:
+            total = self.nbytes
+            if total > max_bytes:
+                floor = max(floor, self._floor_for_bytes(max_bytes))
+        return self.drop_below(floor)
+
+    def _floor_for_bytes(self, max_bytes: int) -> int:
+        """The lowest floor that leaves at most ``max_bytes`` above it."""
+        keep = 0
+        for seg in reversed(self.segments):
+            n = seg.last - seg.first + 1
+            if n <= 0:
+                continue
+            if keep + seg.size <= max_bytes:
+                keep += seg.size
+                continue
+            # Within this segment: the first record k with size - offsets[k] + keep <= max_bytes.
+            need = seg.size + keep - max_bytes  # bytes of this segment to drop at least
+            k = bisect.bisect_left(seg.offsets, need)
+            return seg.first + k
+        return self.segments[0].first
+
+    def drop_below(self, seq: int) -> int:
+        """Records below ``seq`` are gone (retention, acknowledgement, purge); returns how many
+        were removed. Segments wholly below are deleted; a purge of everything starts a new one."""
+        seq = min(seq, self.last_seq + 1)
+        if seq <= self.floor:
+            return 0
+        removed = seq - self.floor
+        self.floor = seq
+        deleted = False
+        while self.segments and self.segments[0].last < seq:
             seg = self.segments[0]
-            count = seg.last - seg.first + 1
-            over = ((max_msgs is not None and len(self) - count >= max_msgs)
-                    or (max_bytes is not None and self.nbytes - seg.size >= max_bytes)
-                    or (max_age_ns is not None and seg.last_time and now - seg.last_time > max_age_ns)
-                    or (below_seq is not None and seg.last < below_seq))
-            if not over:
-                break
-            os.unlink(seg.path)
+            if len(self.segments) == 1:
+                if seg.last < seg.first:
+                    break  # already empty
+                self._new_segment(seq)
             self.segments.pop(0)
-            deleted += max(count, 0)
+            if seg.fd >= 0:
+                os.close(seg.fd)
+            os.unlink(seg.path)
+            deleted = True
         if deleted:
             self._sync_dir()
-        return deleted
+        return removed
 
     def close(self) -> None:
         if self._fd >= 0:
             self.sync()
             os.close(self._fd)
             self._fd = -1
+        for seg in self.segments:
+            if seg.fd >= 0:
+                os.close(seg.fd)
+                seg.fd = -1

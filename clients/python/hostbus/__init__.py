@@ -9,7 +9,7 @@
 The asyncio flavour is :mod:`hostbus.aio`, with the same names.
 """
 
-from hostbus.client import Bus, Subscription, connect
+from hostbus.client import Bus, Consumption, Subscription, connect
 from hostbus.errors import (
     BrokerError,
     ClosedError,
@@ -22,12 +22,15 @@ from hostbus.errors import (
     LocalProtocolError,
     MessageTooLargeError,
     NoRespondersError,
+    NotFoundError,
     PermissionDeniedError,
     ProtocolError,
+    QueueFullError,
     RemoteProtocolError,
     RingClosedError,
     ShuttingDownError,
     SlowConsumerError,
+    StorageError,
     TimeoutError,
 )
 from hostbus.message import Message, Sender
@@ -39,6 +42,7 @@ __all__ = [
     "Bus",
     "ClosedError",
     "ConnectionLostError",
+    "Consumption",
     "ErrorCode",
     "HostbusError",
     "InvalidHeadersError",
@@ -48,13 +52,16 @@ __all__ = [
     "Message",
     "MessageTooLargeError",
     "NoRespondersError",
+    "NotFoundError",
     "PermissionDeniedError",
     "ProtocolError",
+    "QueueFullError",
     "RemoteProtocolError",
     "RingClosedError",
     "Sender",
     "ShuttingDownError",
     "SlowConsumerError",
+    "StorageError",
     "Subscription",
     "TimeoutError",
     "connect",

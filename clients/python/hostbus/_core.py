@@ -35,6 +35,7 @@ _TOPIC_CACHE = 4096
 
 _U32 = wire.frames.U32
 _MSG_FIXED = struct.Struct("<IQHHI")  # MSG prefix (sid, sender ref) + message block header
+_QMSG_PREFIX = wire.frames.QMSG_PREFIX  # sid, sender ref, seq, deliveries, time_ns
 
 
 class Waiter(Protocol):
@@ -102,6 +103,8 @@ class ClientCore:
         self.pings: dict[int, Waiter] = {}
         self.calls: dict[int, Waiter] = {}
         self.requests: dict[str, Waiter] = {}
+        self.confirms: dict[int, Waiter] = {}  # confirmed publishes by id (ids shared with sids and calls)
+        self.answer: Callable[[int, int, int, int], None] | None = None  # sends an ACK: (sid, kind, seq, delay_ms)
         # Subscription ids and call ids share one counter: an ERR's ref then names exactly one.
         self.ids = itertools.count(1)
         self.tokens = itertools.count(1)  # PING tokens
@@ -128,14 +131,33 @@ class ClientCore:
 
     def pub(self, topic: str, data: bytes | bytearray | memoryview | str,
             headers: dict[str, str] | None = None, retain: bool = False, reply: str = "",
-            request: bool = False) -> bytes:
+            request: bool = False, pub_id: int = 0) -> bytes:
         if isinstance(data, str):
             data = data.encode()
         elif not isinstance(data, bytes):
             data = bytes(data)
         flags = (wire.PUB_RETAIN if retain else 0) | (wire.PUB_REQUEST if request else 0)
         return wire.encode_pub(self.topic_bytes(topic), data, wire.encode_headers(headers) if headers else b"",
-                               reply.encode() if reply else b"", flags, self.max_frame)
+                               reply.encode() if reply else b"", flags, self.max_frame, pub_id)
+
+    @staticmethod
+    def consume_options(queue: str, consumer: str, options: dict[str, Any]) -> dict[str, Any]:
+        """The SUB options of a consumer of a topic queue (``None`` values left out)."""
+        if not isinstance(queue, str) or not isinstance(consumer, str):
+            raise TypeError("queue and consumer must be names (str)")
+        out: dict[str, Any] = {"queue": queue, "consumer": consumer}
+        for key, given in options.items():
+            value = given
+            if value is None:
+                continue
+            if key == "backoff":
+                value = [float(v) for v in given]
+            elif key == "start" and hasattr(given, "timestamp"):  # a datetime
+                value = {"time": given.timestamp()}
+            elif key == "start" and isinstance(given, float):
+                value = {"time": given}
+            out[key] = value
+        return out
 
     def sub(self, sid: int, pattern: str, group: str | None, policy: str | None,
             max_msgs: int | None, max_bytes: int | None, extra: dict[str, Any] | None = None) -> bytes:
@@ -196,6 +218,8 @@ class ClientCore:
                 for ftype, flags, body in frames:
                     if ftype == FrameType.MSG:
                         self._msg(flags, body, batches)
+                    elif ftype == FrameType.QMSG:
+                        self._qmsg(body, batches)
                     else:
                         if batches:
                             self._push(batches)
@@ -245,6 +269,28 @@ class ClientCore:
         else:
             batch.append(msg)
 
+    def _qmsg(self, body: bytes, batches: dict[int, list[Message]]) -> None:
+        """A message of a topic-queue consumer: a MSG with its seq, delivery count and time."""
+        n = _QMSG_PREFIX.size
+        if len(body) < n + 8:
+            raise RemoteProtocolError(f"QMSG frame too short for its {n}-byte prefix and 8-byte block header")
+        sid, ref, seq, count, time_ns = _QMSG_PREFIX.unpack_from(body, 0)
+        topic, reply, h0, h1 = wire.split_block(body, n)
+        sender = self.senders.get(ref)
+        if sender is None:
+            raise RemoteProtocolError(f"QMSG names sender {ref}, which was never announced")
+        headers = wire.decode_headers(body[h0:h1]) if h1 > h0 else {}
+        msg = Message(topic, body[h1:], headers, sender, reply or None, sid, False, self.respond)
+        msg.seq = seq
+        msg.delivery_count = count
+        msg.stored_ns = time_ns
+        msg._answer = self.answer
+        batch = batches.get(sid)
+        if batch is None:
+            batches[sid] = [msg]
+        else:
+            batch.append(msg)
+
     def _control(self, ftype: int, flags: int, body: bytes) -> None:
         if ftype == FrameType.SENDER:
             ref, uid, gid, pid, origin = wire.decode_sender(body)
@@ -276,6 +322,11 @@ class ClientCore:
             waiter = self.calls.pop(call_id, None)
             if waiter is not None:
                 _settle(waiter, wire.decode_json_obj(raw))
+        elif ftype == FrameType.STORED:
+            pub_id, seqs = wire.decode_stored(body)
+            waiter = self.confirms.pop(pub_id, None)
+            if waiter is not None:
+                _settle(waiter, seqs)
         elif ftype == FrameType.ERR:
             self._error(flags, body)
         elif ftype == FrameType.WELCOME:
@@ -310,7 +361,7 @@ class ClientCore:
             if sink is not None:  # the broker ended a live subscription
                 sink.end(exc)
                 return
-            waiter = self.calls.pop(ref, None)
+            waiter = self.calls.pop(ref, None) or self.confirms.pop(ref, None)
             if waiter is not None:
                 _settle(waiter, exc=exc)
                 return
@@ -327,7 +378,7 @@ class ClientCore:
             return
         self.lost = exc
         waiters: list[Waiter] = [*self.sub_waiters.values(), *self.pings.values(), *self.calls.values(),
-                                 *self.requests.values()]
+                                 *self.requests.values(), *self.confirms.values()]
         if self.welcome_waiter is not None:
             waiters.append(self.welcome_waiter)
         for w in waiters:
@@ -336,6 +387,7 @@ class ClientCore:
         self.pings.clear()
         self.calls.clear()
         self.requests.clear()
+        self.confirms.clear()
         sinks = list(self.sinks.values())
         self.sinks.clear()
         for sink in sinks:

@@ -105,6 +105,20 @@ class Subscription(SubscriptionState):
             self.end(ClosedError(f"subscription to {self.pattern!r} was unsubscribed"))
 
 
+class Consumption(Subscription):
+    """Messages of a topic queue's consumer (:meth:`Bus.consume`): iterate, or call :meth:`next`.
+
+    Each message has ``seq``, ``delivery_count`` and ``ack()``, ``nak(delay)``, ``term()``,
+    ``in_progress()``. :meth:`unsubscribe` (or closing the bus) stops this member; messages it
+    had not acknowledged go to the consumer's other members, or come again later.
+    """
+
+    def __init__(self, bus: Bus, sid: int, queue: str, consumer: str, pending_limit: int) -> None:
+        super().__init__(bus, sid, f"{queue}/{consumer}", None, pending_limit)
+        self.queue = queue
+        self.consumer = consumer
+
+
 class Bus:
     """A connection to hostbusd. Thread-safe; use as a context manager or call :meth:`close`."""
 
@@ -113,6 +127,7 @@ class Bus:
         self._sock = sock
         self._core = ClientCore(name, self._respond)
         self._core.on_error = error_cb
+        self._core.answer = self._answer
         self._lock = threading.RLock()  # guards core registration tables and ids
         self._wcond = threading.Condition()
         self._wbuf = bytearray()
@@ -150,14 +165,51 @@ class Bus:
     # ---- publishing -----------------------------------------------------------------------------
 
     def publish(self, topic: str, data: bytes | str = b"", headers: dict[str, str] | None = None,
-                retain: bool = False, reply_to: str | None = None) -> None:
+                retain: bool = False, reply_to: str | None = None, confirm: bool = False,
+                timeout: float | None = DEFAULT_CONTROL_TIMEOUT) -> dict[str, int] | None:
         """Queue one message for sending (returns before it is sent: see :meth:`flush`).
 
         Errors the broker reports later about a published message (such as a full retained
         store) go to ``error_cb`` if :func:`connect` was given one, else :meth:`flush` raises them.
+
+        ``confirm=True``: wait until every topic queue that captures the topic has stored the
+        message under its durability, and return ``{queue: seq}`` (``{}`` if no queue captures
+        it); raises QueueFullError, StorageError, LimitExceededError, PermissionDeniedError.
+        For many confirmed messages in flight at once use :meth:`publish_async`.
         """
+        if confirm:
+            if retain or reply_to:
+                raise ValueError("a confirmed publish cannot be retained or carry a reply subject")
+            return _wait(self.publish_async(topic, data, headers), timeout,  # type: ignore[no-any-return]
+                         f"confirm of a publish on {topic!r}")
         self._core.check()
         self._send(self._core.pub(topic, data, headers, retain, reply_to or ""))
+        return None
+
+    def publish_async(self, topic: str, data: bytes | str = b"",
+                      headers: dict[str, str] | None = None) -> concurrent.futures.Future[dict[str, int]]:
+        """A confirmed publish that does not wait: a future of ``{queue: seq}`` (or of the error).
+
+        Confirms are pipelined: keep many in flight (a window of a few thousand) and one fsync
+        of a ``durability = always`` queue confirms every message that arrived meanwhile.
+        """
+        fut: concurrent.futures.Future[dict[str, int]] = concurrent.futures.Future()
+        with self._lock:
+            self._core.check()
+            pub_id = next(self._core.ids)
+            frame = self._core.pub(topic, data, headers, pub_id=pub_id)
+            self._core.register(self._core.confirms, pub_id, fut)
+        try:
+            self._send(frame)
+        except BaseException:
+            self._core.confirms.pop(pub_id, None)
+            raise
+        return fut
+
+    def _answer(self, sid: int, kind: int, seq: int, delay_ms: int) -> None:
+        from hostbus import wire  # noqa: PLC0415
+
+        self._send(wire.encode_ack(sid, [(kind, seq, delay_ms)]))
 
     def _respond(self, reply_to: str, data: bytes | str, headers: dict[str, str] | None) -> None:
         self.publish(reply_to, data, headers)
@@ -235,6 +287,63 @@ class Bus:
                     self._send(self._u32_frame("UNSUB", sid))
             raise
         return sub
+
+    def consume(self, queue: str, consumer: str, *, start: str | int | float | Any = None,
+                ack_wait: float | None = None, max_deliver: int | None = None,
+                backoff: list[float] | None = None, max_inflight: int | None = None,
+                filter: str | None = None, pending_limit: int = DEFAULT_PENDING_LIMIT) -> Consumption:
+        """Consume the topic queue ``queue`` as (a member of) the durable consumer ``consumer``.
+
+        The consumer is created on first use with these options; later members share its
+        messages. ``start``: ``"all"`` (default), ``"new"``, ``"last"``, a sequence number, or a
+        time (Unix seconds as a float, or a datetime); only when the consumer is created.
+        ``ack_wait`` seconds before an unacknowledged message comes again; ``max_deliver``
+        deliveries before it goes to the dead-letter topic; ``backoff`` delays of the
+        redeliveries; ``max_inflight`` unacknowledged messages at once; ``filter`` a pattern:
+        only matching messages. Raises NotFoundError, PermissionDeniedError, LimitExceededError.
+        """
+        opts = self._core.consume_options(queue, consumer, {
+            "start": start, "ack_wait": ack_wait, "max_deliver": max_deliver, "backoff": backoff,
+            "max_inflight": max_inflight, "filter": filter})
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        from hostbus import wire  # noqa: PLC0415
+
+        with self._lock:
+            self._core.check()
+            sid = next(self._core.ids)
+            cons = Consumption(self, sid, queue, consumer, pending_limit)
+            self._core.sinks[sid] = cons
+            self._core.register(self._core.sub_waiters, sid, fut)
+        self._send(wire.encode_sub(sid, opts))
+        try:
+            _wait(fut, DEFAULT_CONTROL_TIMEOUT, f"consume {queue!r}")
+        except BaseException:
+            self._core.sinks.pop(sid, None)
+            self._core.sub_waiters.pop(sid, None)
+            raise
+        return cons
+
+    def queue_add(self, name: str, subjects: list[str] | str, **options: Any) -> dict[str, Any]:
+        """Declare a topic queue (or confirm one with the same properties); returns its info.
+        Options: storage, durability, sync_interval_ms, max_msgs, max_bytes, max_age,
+        max_msg_size, discard, retention, dead_letter, duplicate_window (docs/queues.md)."""
+        return self.call("queue_add", name=name, subjects=[subjects] if isinstance(subjects, str) else subjects,
+                         **options)
+
+    def queue_info(self, name: str) -> dict[str, Any]:
+        """A queue's properties and counters (messages, bytes, consumers, pending ...)."""
+        return self.call("queue_info", name=name)
+
+    def queue_list(self) -> list[dict[str, Any]]:
+        return list(self.call("queue_list")["queues"])
+
+    def queue_delete(self, name: str) -> None:
+        """Delete a queue and its stored messages; its consumers' members are ended."""
+        self.call("queue_delete", name=name)
+
+    def queue_purge(self, name: str) -> int:
+        """Remove every stored message of a queue; returns how many."""
+        return int(self.call("queue_purge", name=name)["purged"])
 
     def _ensure_deliver_ring(self, slots: int, slot_size: int) -> DeliverRing:
         with self._lock:

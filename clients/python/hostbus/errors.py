@@ -30,6 +30,9 @@ class ErrorCode(enum.IntEnum):
     INVALID_ARGUMENT = 14
     INTERNAL = 15
     RING_ENDED = 16  # a shared-memory ring ended (its error names the ring and why)
+    STORAGE = 17  # a topic queue could not store a message (disk full, I/O error)
+    QUEUE_FULL = 18  # a topic queue with discard = new is at a limit
+    NOT_FOUND = 19  # no topic queue (or consumer) of that name
 
 
 class HostbusError(Exception):
@@ -127,6 +130,23 @@ class RingClosedError(HostbusError):
     because the connection it belongs to is lost."""
 
 
+class StorageError(HostbusError):
+    """A topic queue could not store a message (the disk is full, a write failed): it was not
+    confirmed; what was confirmed before is kept."""
+
+    hint = "free disk space or check the broker's log; the message was not stored"
+
+
+class QueueFullError(LimitExceededError):
+    """A topic queue that refuses new messages at its limit (discard = new) is full."""
+
+    hint = "consume and acknowledge messages, or raise the queue's max_msgs / max_bytes"
+
+
+class NotFoundError(HostbusError, LookupError):
+    """No topic queue or consumer of that name."""
+
+
 _CODE_TO_CLASS: dict[int, type[HostbusError]] = {
     ErrorCode.PROTOCOL: RemoteProtocolError,
     ErrorCode.FRAME_TOO_LARGE: MessageTooLargeError,
@@ -144,6 +164,9 @@ _CODE_TO_CLASS: dict[int, type[HostbusError]] = {
     ErrorCode.INVALID_ARGUMENT: BrokerError,
     ErrorCode.INTERNAL: BrokerError,
     ErrorCode.RING_ENDED: RingClosedError,
+    ErrorCode.STORAGE: StorageError,
+    ErrorCode.QUEUE_FULL: QueueFullError,
+    ErrorCode.NOT_FOUND: NotFoundError,
 }
 
 

@@ -19,9 +19,17 @@ class Sender(NamedTuple):
 
 
 class Message:
-    """One delivered message. ``data`` is bytes; ``headers`` a dict of str to str."""
+    """One delivered message. ``data`` is bytes; ``headers`` a dict of str to str.
 
-    __slots__ = ("_respond", "data", "headers", "reply_to", "retained", "sender", "sid", "topic")
+    A message from a topic queue (``bus.consume``) also has ``seq`` (its sequence number in the
+    queue), ``delivery_count`` (1 the first time), ``stored_at`` (Unix seconds) and the answers
+    :meth:`ack`, :meth:`nak`, :meth:`term` and :meth:`in_progress`. They are sent with the next
+    write (they never block, in either client); :meth:`Bus.flush` waits until the broker has
+    them. Other messages have ``seq = 0``.
+    """
+
+    __slots__ = ("_answer", "_respond", "data", "delivery_count", "headers", "reply_to", "retained", "sender",
+                 "seq", "sid", "stored_ns", "topic")
 
     def __init__(
         self,
@@ -42,6 +50,37 @@ class Message:
         self.sid = sid
         self.retained = retained
         self._respond = respond
+        self.seq = 0
+        self.delivery_count = 0
+        self.stored_ns = 0
+        self._answer: Callable[[int, int, int, int], None] | None = None
+
+    @property
+    def stored_at(self) -> float:
+        """When the topic queue stored it (Unix seconds; 0 for other messages)."""
+        return self.stored_ns / 1e9
+
+    def _send_answer(self, kind: int, delay: float | None = None) -> None:
+        if self._answer is None:
+            raise ValueError(f"message on {self.topic!r} is not from a topic queue: there is nothing to acknowledge")
+        delay_ms = 0xFFFFFFFF if delay is None else max(0, min(int(delay * 1000), 0xFFFFFFFE))
+        self._answer(self.sid, kind, self.seq, delay_ms)
+
+    def ack(self) -> None:
+        """Done: the queue will not deliver it to this consumer again."""
+        self._send_answer(0)
+
+    def nak(self, delay: float | None = None) -> None:
+        """Not done: deliver it again after ``delay`` seconds (default: the consumer's backoff, else at once)."""
+        self._send_answer(1, delay)
+
+    def term(self) -> None:
+        """Never deliver it again to this consumer (it is not dead-lettered)."""
+        self._send_answer(2)
+
+    def in_progress(self) -> None:
+        """Still working on it: its redelivery deadline moves ``ack_wait`` from now."""
+        self._send_answer(3)
 
     def respond(self, data: bytes | str, headers: dict[str, str] | None = None) -> Any:
         """Publish ``data`` to this message's ``reply_to`` (with the asyncio client: await it)."""

@@ -21,6 +21,7 @@ from hostbus.errors import (
     RemoteProtocolError,
 )
 from hostbus.wire.frames import (
+    ACK_ITEM,
     ERR,
     ERR_FATAL,
     GAP,
@@ -31,6 +32,7 @@ from hostbus.wire.frames import (
     MSG_BLOCK,
     MSG_HEAD,
     SENDER,
+    STORED_ITEM,
     U16,
     U32,
     FrameType,
@@ -203,20 +205,48 @@ def message_block(topic: bytes, data: bytes, headers: bytes = b"", reply: bytes 
 
 
 def encode_pub(
-    topic: bytes, data: bytes, headers: bytes = b"", reply: bytes = b"", flags: int = 0, max_frame: int = 0
+    topic: bytes, data: bytes, headers: bytes = b"", reply: bytes = b"", flags: int = 0, max_frame: int = 0,
+    pub_id: int = 0,
 ) -> bytes:
-    """A PUB frame. ``topic``/``reply`` are UTF-8 bytes, ``headers`` an encoded headers block."""
+    """A PUB frame, or with ``pub_id`` a CPUB (a publish to be confirmed, sent without flags).
+    ``topic``/``reply`` are UTF-8 bytes, ``headers`` an encoded headers block."""
     length = 10 + len(topic) + len(reply) + len(headers) + len(data)
+    head = _pack_header(length, FrameType.PUB, flags)
+    if pub_id:
+        length += 4
+        head = _pack_header(length, FrameType.CPUB, 0) + U32.pack(pub_id)
     if max_frame and length > max_frame:
         raise MessageTooLargeError(f"message of {length} bytes framed exceeds the broker's limit of {max_frame}")
     return (
-        _pack_header(length, FrameType.PUB, flags)
+        head
         + MSG_BLOCK.pack(len(topic), len(reply), len(headers))
         + topic
         + reply
         + headers
         + data
     )
+
+
+def encode_ack(sid: int, items: list[tuple[int, int, int]]) -> bytes:
+    """An ACK frame: answers (kind, seq, delay_ms) about messages of the consumer ``sid``."""
+    return frame(FrameType.ACK, U32.pack(sid) + b"".join(ACK_ITEM.pack(*item) for item in items))
+
+
+def decode_stored(body: bytes) -> tuple[int, dict[str, int]]:
+    """A STORED frame: the confirmed publish's id and the seq it got in each queue."""
+    pub_id, rest = split_u32(body)
+    out: dict[str, int] = {}
+    pos = 0
+    while pos < len(rest):
+        if pos + STORED_ITEM.size > len(rest):
+            raise RemoteProtocolError("STORED frame ends inside an item")
+        seq, n = STORED_ITEM.unpack_from(rest, pos)
+        pos += STORED_ITEM.size
+        if pos + n > len(rest):
+            raise RemoteProtocolError("STORED frame's queue name runs past its end")
+        out[rest[pos:pos + n].decode(errors="replace")] = seq
+        pos += n
+    return pub_id, out
 
 
 def encode_hello(name: str | None, client: str, protocol: int) -> bytes:

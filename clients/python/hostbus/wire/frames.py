@@ -32,6 +32,14 @@ SENDER = struct.Struct("<QIII")
 ERR = struct.Struct("<HI")
 #: GAP: ``u32 sid, u64 missed``.
 GAP = struct.Struct("<IQ")
+#: QMSG prefix: ``u32 sid, u64 sender_ref, u64 seq, u32 deliveries, u64 time_ns``.
+QMSG_PREFIX = struct.Struct("<IQQIQ")
+#: The whole QMSG frame before its message block, packed in one call: header + QMSG_PREFIX.
+QMSG_HEAD = struct.Struct("<IBBIQQIQ")
+#: An ACK item: ``u8 kind, u64 seq, u32 delay_ms`` (after the ``u32 sid`` of the frame).
+ACK_ITEM = struct.Struct("<BQI")
+#: A STORED item: ``u64 seq, u8 name_len`` then the queue's name (after the ``u32 id``).
+STORED_ITEM = struct.Struct("<QB")
 #: A u32 (sid of SUB/UNSUB/OK, token of PING/PONG, id of CALL/RESULT).
 U32 = struct.Struct("<I")
 #: Headers block: ``u16 count`` then per header ``u16 key_len, u16 value_len, key, value``.
@@ -50,6 +58,8 @@ class FrameType(enum.IntEnum):
     UNSUB = 0x04
     PING = 0x05
     CALL = 0x06
+    CPUB = 0x07
+    ACK = 0x08
     # broker -> client
     WELCOME = 0x81
     MSG = 0x82
@@ -61,6 +71,8 @@ class FrameType(enum.IntEnum):
     NORESP = 0x88
     PONG = 0x89
     RESULT = 0x8A
+    STORED = 0x8B
+    QMSG = 0x8C
 
 
 CLIENT_FRAMES = frozenset(t for t in FrameType if t < 0x80)
@@ -73,6 +85,13 @@ PUB_REQUEST = 0x02  # reply_to is set and the publisher wants NORESP if nobody s
 MSG_RETAINED = 0x01  # delivered from the retained store at subscribe time
 # ERR flags
 ERR_FATAL = 0x01  # the broker closes the connection after this frame
+
+# ACK kinds
+ACK_ACK = 0
+ACK_NAK = 1
+ACK_TERM = 2
+ACK_PROGRESS = 3
+ACK_KINDS = {"ack": ACK_ACK, "nak": ACK_NAK, "term": ACK_TERM, "in_progress": ACK_PROGRESS}
 
 # Subscription overflow policies (SUB "policy").
 POLICIES = ("drop-oldest", "drop-new", "disconnect")
