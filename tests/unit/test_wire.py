@@ -44,8 +44,8 @@ def test_frame_layout_is_length_type_flags_body() -> None:
 
 
 def test_frame_types_split_by_direction() -> None:
-    assert set(wire.CLIENT_FRAMES) == {1, 2, 3, 4, 5, 6}
-    assert set(wire.SERVER_FRAMES) == set(range(0x81, 0x8B))
+    assert set(wire.CLIENT_FRAMES) == {1, 2, 3, 4, 5, 6, 7, 8}
+    assert set(wire.SERVER_FRAMES) == set(range(0x81, 0x8D))
     assert not wire.CLIENT_FRAMES & wire.SERVER_FRAMES
 
 
@@ -345,8 +345,8 @@ def test_incomplete_header_is_not_judged(method: str) -> None:
         (wire.CLIENT_FRAMES, FrameType.MSG),  # a server frame sent to the server
         (wire.SERVER_FRAMES, FrameType.PUB),  # a client frame sent to the client
         (wire.CLIENT_FRAMES, 0x00),
-        (wire.CLIENT_FRAMES, 0x07),
-        (wire.SERVER_FRAMES, 0x8B),
+        (wire.CLIENT_FRAMES, 0x09),
+        (wire.SERVER_FRAMES, 0x8D),
         (wire.SERVER_FRAMES, 0xFF),
     ],
 )
