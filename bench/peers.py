@@ -90,8 +90,8 @@ SCENARIO_TITLE = {
     "S3": "S3: 256 B, 1 -> 4 subscribers, deliveries/s (all subscribers)",
     "S4": "S4: request/reply, one outstanding 64 B message, round trip in us",
     "S5a": "S5a: S1 with 10,000 subscriptions on the subscriber, one matching, messages/s",
-    "S5b": "S5b: 1,000 idle connections with one subscription each: broker memory",
-    "S5c": "S5c: 256 B fan-out to 100 subscriber processes, deliveries/s",
+    "S5b": "S5b: idle connections (1,000; --quick 200) with one subscription each: broker memory",
+    "S5c": "S5c: 256 B fan-out to 100 subscriber processes (--quick 20), deliveries/s",
 }
 
 
@@ -1281,6 +1281,10 @@ def machine_info() -> dict[str, Any]:
     versions["redis-server"] = _version([APT_PACKAGES["redis-server"], "--version"])
     versions["mosquitto"] = _version([APT_PACKAGES["mosquitto"], "-h"])
     versions["nats-server"] = _version([str(VENV_BIN / "nats-server"), "--version"])
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        head = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        versions["hostbus"] += f" ({head})" if head else ""
     return {"nproc": os.cpu_count(), "cpu": cpu, "kernel": platform.release(), "machine": platform.machine(),
             "versions": versions}
 
@@ -1322,7 +1326,8 @@ def report(results: dict[str, dict[str, list[dict[str, Any]]]], info: dict[str, 
                 add(f"| {name} | {_med(ok, 'p50'):,.0f} | {_med(ok, 'p99'):,.0f} | {_med(ok, 'p99.9'):,.0f} | "
                     f"{min(r['p50'] for r in ok):,.0f} - {max(r['p50'] for r in ok):,.0f} | {_peak(ok)} |")
         elif sc == "S5b":
-            add("| system | broker KB per idle connection | min - max | idle broker RSS MiB | RSS with 1,000 MiB |")
+            conns = next((r["connections"] for runs in rows.values() for r in runs if "connections" in r), 0)
+            add(f"| system | broker KB per idle conn | min - max | idle broker RSS MiB | RSS, {conns:,} conns MiB |")
             add("|---|---|---|---|---|")
             for name, runs in rows.items():
                 ok = [r for r in runs if "error" not in r]

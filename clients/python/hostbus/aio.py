@@ -25,7 +25,7 @@ from hostbus.errors import TimeoutError as HostbusTimeoutError
 from hostbus.message import Message
 from hostbus.shm import DeliverRing, RingWriter, fetch_fd
 
-__all__ = ["Bus", "ShmPublisher", "Subscription", "connect"]
+__all__ = ["Bus", "Consumption", "ShmPublisher", "Subscription", "connect"]
 
 #: Batches of messages a deliver ring's reader may hand to the event loop before it waits.
 _RING_BATCHES = 64
@@ -132,6 +132,16 @@ class _Protocol(asyncio.Protocol):
         bus._closed.set()
 
 
+class Consumption(Subscription):
+    """See :class:`hostbus.Consumption`: ``async for msg in c`` or ``await c.next()``; the
+    answers ``msg.ack()`` ... are plain calls (they are written with the next batch)."""
+
+    def __init__(self, bus: Bus, sid: int, queue: str, consumer: str, pending_limit: int) -> None:
+        super().__init__(bus, sid, f"{queue}/{consumer}", None, pending_limit)
+        self.queue = queue
+        self.consumer = consumer
+
+
 class Bus:
     """An asyncio connection to hostbusd. Use ``async with`` or ``await bus.close()``."""
 
@@ -139,6 +149,7 @@ class Bus:
         self._loop = asyncio.get_running_loop()
         self._core = ClientCore(name, self._respond)
         self._core.on_error = error_cb
+        self._core.answer = self._answer
         self._transport: asyncio.Transport | None = None
         self._out: list[bytes] = []
         self._out_bytes = 0
@@ -199,22 +210,50 @@ class Bus:
             self._transport.write(b"".join(out))
 
     async def publish(self, topic: str, data: bytes | str = b"", headers: dict[str, str] | None = None,
-                      retain: bool = False, reply_to: str | None = None) -> None:
+                      retain: bool = False, reply_to: str | None = None, confirm: bool = False,
+                      timeout: float | None = DEFAULT_CONTROL_TIMEOUT) -> dict[str, int] | None:
         """Queue one message; waits only while the connection is congested.
 
         Frames are written at the end of the loop iteration, or at once when a write batch has
         gathered, so a loop that never yields still hands the transport its data and sees its
         backpressure. Errors the broker reports later about a published message go to
-        ``error_cb``, else :meth:`flush` raises them.
+        ``error_cb``, else :meth:`flush` raises them. ``confirm=True``: see
+        :meth:`hostbus.Bus.publish` (returns ``{queue: seq}``); many at once with
+        :meth:`publish_async` or ``asyncio.gather``.
         """
+        if confirm:
+            if retain or reply_to:
+                raise ValueError("a confirmed publish cannot be retained or carry a reply subject")
+            fut = await self.publish_async(topic, data, headers)
+            return await _wait(fut, timeout, f"confirm of a publish on {topic!r}")  # type: ignore[no-any-return]
         self._core.check()
         self._send(self._core.pub(topic, data, headers, retain, reply_to or ""))
+        await self._after_send()
+        return None
+
+    async def _after_send(self) -> None:
         if self._out_bytes >= _WRITE_BATCH:
             self._write()
         if self._paused:
             w: asyncio.Future[None] = self._loop.create_future()
             self._drain_waiters.append(w)
             await w
+
+    async def publish_async(self, topic: str, data: bytes | str = b"",
+                            headers: dict[str, str] | None = None) -> asyncio.Future[dict[str, int]]:
+        """Send a confirmed publish and return a future of its ``{queue: seq}`` without waiting
+        for it (waits only while the connection is congested)."""
+        self._core.check()
+        pub_id = next(self._core.ids)
+        frame = self._core.pub(topic, data, headers, pub_id=pub_id)
+        fut: asyncio.Future[dict[str, int]] = self._loop.create_future()
+        self._core.register(self._core.confirms, pub_id, fut)
+        self._send(frame)
+        await self._after_send()
+        return fut
+
+    def _answer(self, sid: int, kind: int, seq: int, delay_ms: int) -> None:
+        self._send(wire.encode_ack(sid, [(kind, seq, delay_ms)]))
 
     async def _respond(self, reply_to: str, data: bytes | str, headers: dict[str, str] | None) -> None:
         await self.publish(reply_to, data, headers)
@@ -273,6 +312,47 @@ class Bus:
                     self._send(wire.encode_u32(wire.FrameType.UNSUB, sid))
             raise
         return sub
+
+    async def consume(self, queue: str, consumer: str, *, start: str | int | float | Any = None,
+                      ack_wait: float | None = None, max_deliver: int | None = None,
+                      backoff: list[float] | None = None, max_inflight: int | None = None,
+                      filter: str | None = None, pending_limit: int = DEFAULT_PENDING_LIMIT,
+                      ) -> Consumption:
+        """See :meth:`hostbus.Bus.consume`."""
+        opts = self._core.consume_options(queue, consumer, {
+            "start": start, "ack_wait": ack_wait, "max_deliver": max_deliver, "backoff": backoff,
+            "max_inflight": max_inflight, "filter": filter})
+        self._core.check()
+        sid = next(self._core.ids)
+        cons = Consumption(self, sid, queue, consumer, pending_limit)
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        self._core.sinks[sid] = cons
+        self._core.register(self._core.sub_waiters, sid, fut)
+        try:
+            self._send(wire.encode_sub(sid, opts))
+            await _wait(fut, DEFAULT_CONTROL_TIMEOUT, f"consume {queue!r}")
+        except BaseException:
+            self._core.sinks.pop(sid, None)
+            self._core.sub_waiters.pop(sid, None)
+            raise
+        return cons
+
+    async def queue_add(self, name: str, subjects: list[str] | str, **options: Any) -> dict[str, Any]:
+        """See :meth:`hostbus.Bus.queue_add`."""
+        return await self.call("queue_add", name=name,
+                               subjects=[subjects] if isinstance(subjects, str) else subjects, **options)
+
+    async def queue_info(self, name: str) -> dict[str, Any]:
+        return await self.call("queue_info", name=name)
+
+    async def queue_list(self) -> list[dict[str, Any]]:
+        return list((await self.call("queue_list"))["queues"])
+
+    async def queue_delete(self, name: str) -> None:
+        await self.call("queue_delete", name=name)
+
+    async def queue_purge(self, name: str) -> int:
+        return int((await self.call("queue_purge", name=name))["purged"])
 
     async def _attach(self, direction: str, slots: int, slot_size: int) -> tuple[dict[str, Any], int]:
         res = await self.call("ring_attach", direction=direction, slots=slots, slot_size=slot_size)

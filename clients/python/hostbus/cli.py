@@ -10,7 +10,7 @@ import signal
 import sys
 from typing import Any
 
-from hostbus import aio, bench, paths
+from hostbus import aio, bench, cli_queues, paths
 from hostbus.client import connect
 from hostbus.errors import HostbusError, NoRespondersError
 from hostbus.errors import TimeoutError as HostbusTimeout
@@ -32,7 +32,8 @@ def _headers(pairs: list[str]) -> dict[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hostbus",
-        description="Talk to the hostbus broker: publish, subscribe, request, statistics, identity, benchmark.",
+        description="Talk to the hostbus broker: publish, subscribe, request, topic queues, statistics, identity, "
+        "benchmark.",
         epilog="The socket is --socket, else $HOSTBUS_SOCKET, else this user's instance "
         f"($XDG_RUNTIME_DIR/hostbus/{paths.SOCKET_NAME}) if it exists, else the system instance "
         f"({paths.SYSTEM_RUNTIME_DIR / paths.SOCKET_NAME}). Exit status: 0 success, 1 error, 2 usage.",
@@ -48,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--retain", action="store_true", help="keep as the topic's retained message")
     pub.add_argument("--shm", action="store_true",
                      help="publish through a shared-memory ring instead of the socket (docs/shm.md)")
+    pub.add_argument("--confirm", action="store_true",
+                     help="wait until the topic queues capturing TOPIC stored each message; print QUEUE=SEQ per "
+                     "message (status 1 if one was refused: queue full, too large, storage error, denied)")
 
     s = sub.add_parser("sub", help="print messages", description="Print messages matching PATTERN...: "
                        "one line per message, 'TOPIC DATA' (a final newline of DATA is dropped and inner "
@@ -72,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("stats", help="print broker statistics",
                         description="Connections, subscriptions, messages in/out/dropped, FIFOs (messages, "
-                        "skipped or dropped by kind), shared-memory rings and their fill, per-topic counts.")
+                        "skipped or dropped by kind), shared-memory rings and their fill, topic queues (messages, "
+                        "consumers, pending, redelivered, dead-lettered, durability and its loss window), "
+                        "per-topic counts.")
     st.add_argument("--json", action="store_true", help="print the statistics as JSON")
 
     w = sub.add_parser("whoami", help="print who the broker sees you as",
@@ -81,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "publish, subscribe and manage queues there, with the rule that decides.")
     w.add_argument("--topic", metavar="TOPIC", help="a topic or pattern to ask about")
     w.add_argument("--json", action="store_true", help="print the answer as JSON")
+    cli_queues.add_parsers(sub)
     bench.add_parser(sub)
     return p
 
@@ -110,6 +117,13 @@ def cmd_whoami(args: argparse.Namespace) -> int:
 
 def cmd_pub(args: argparse.Namespace) -> int:
     headers = _headers(args.header) or None
+    if args.confirm:
+        if args.shm or args.retain:
+            raise SystemExit("hostbus: --confirm goes with neither --shm nor --retain")
+        with connect(args.socket, name="hostbus-cli") as bus:
+            payloads = ((line.rstrip(b"\n") for line in sys.stdin.buffer) if args.lines else
+                        [args.data.encode() if args.data is not None else sys.stdin.buffer.read()])
+            return cli_queues.publish_confirmed(bus, args.topic, payloads, headers)
     with connect(args.socket, name="hostbus-cli") as bus:
         target: Any = bus.shm_publisher() if args.shm else bus
         if args.lines:
@@ -269,6 +283,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
                 f"{r['messages_out']} messages out, {r['filled']}/{r['slots']} slots filled, dropped {r['dropped']}")
         print(f"ring {r['direction']:<8}client {r['client']} (uid {r['uid']}): {r['slots']} x {r['slot_size']} bytes, "
               f"{r['state']}, {flow}")
+    for q in st.get("queues", {}).values():
+        print("queue " + cli_queues.describe_queue(q))
     if st["topics"]:
         print("topics:")
         width = max(len(t) for t in st["topics"])
@@ -290,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_whoami(args)
         if args.command == "bench":
             return bench.run(args, str(args.socket or paths.default_socket()))
+        if args.command in ("queue", "consume"):
+            return cli_queues.run(args)
         return cmd_stats(args)
     except HostbusError as exc:
         print(f"hostbus: {exc}", file=sys.stderr)
