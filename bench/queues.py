@@ -39,6 +39,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import queue
 import shutil
 import signal
 import socket
@@ -258,7 +259,14 @@ class HostbusServer(Server):
         if self.policy == "interval":
             opts["sync_interval_ms"] = HB_INTERVAL_MS
         with hostbus.connect(self.address, name="bench-admin") as bus:
-            bus.queue_add("bench", ["bench.>"], **opts)  # type: ignore[attr-defined]
+            bus.queue_add("bench", ["bench.>"], **opts)
+
+    def stored(self) -> int | None:
+        import hostbus
+        with hostbus.connect(self.address, name="bench-admin") as bus:
+            if not hasattr(bus, "queue_info"):
+                return None  # then the distinct sequence numbers consumed are the count stored
+            return int(bus.queue_info("bench")["messages"])
 
 
 SERVERS: dict[str, type[Server]] = {"redis": RedisServer, "nats": NatsServer, "hostbus": HostbusServer}
@@ -312,7 +320,7 @@ def nats_publish(address: str, n: int, payload: bytes, start: Callable[[], None]
 def hostbus_publish(address: str, n: int, payload: bytes, start: Callable[[], None]) -> int:
     import hostbus
     bus = hostbus.connect(address, name="bench-pub")
-    publish_async = bus.publish_async  # type: ignore[attr-defined]
+    publish_async = bus.publish_async
     start()
     window: deque[Any] = deque()
     confirmed = 0
@@ -410,7 +418,7 @@ def nats_consume(address: str, expected: int) -> dict[str, Any]:
 def hostbus_consume(address: str, expected: int) -> dict[str, Any]:
     import hostbus
     bus = hostbus.connect(address, name="bench-consumer")
-    c = bus.consume("bench", "workers")  # type: ignore[attr-defined]
+    c = bus.consume("bench", "workers")
     t0 = now()
     seqs: set[int] = set()
     got = redelivered = 0
@@ -425,8 +433,13 @@ def hostbus_consume(address: str, expected: int) -> dict[str, Any]:
         got += 1
     bus.flush(timeout=TIMEOUT)
     t1 = now()
+    unacked = None
+    if hasattr(bus, "queue_info"):  # not in the first spec of the API: checked where there
+        deadline = time.monotonic() + 5
+        while (unacked := int(bus.queue_info("bench")["pending"])) and time.monotonic() < deadline:
+            time.sleep(0.05)  # acks are not confirmed: let the broker take in the last ones
     bus.close()
-    return {"consumed": got, "acked": got, "unacked": None, "redelivered": redelivered, "distinct": len(seqs),
+    return {"consumed": got, "acked": got, "unacked": unacked, "redelivered": redelivered, "distinct": len(seqs),
             "seconds": t1 - t0}
 
 
@@ -444,9 +457,33 @@ def consumer_proc(system: str, address: str, expected: int, out: Any) -> None:
 # ---------------------------------------------------------------- one run
 
 
+def collect(q: Any, n: int, procs: list[Any], timeout: float) -> list[Any]:
+    """``n`` items from ``q``; fails at once when one of ``procs`` died without sending (e.g. at import)."""
+    items: list[Any] = []
+    deadline = time.monotonic() + timeout
+    while len(items) < n:
+        try:
+            items.append(q.get(timeout=0.5))
+            continue
+        except queue.Empty:
+            pass
+        dead = [p for p in procs if p.exitcode is not None]
+        if dead and any(p.exitcode != 0 for p in dead):
+            raise RuntimeError(f"a child process exited with code {[p.exitcode for p in dead]} (see above)")
+        if len(dead) == len(procs):
+            try:
+                items.append(q.get(timeout=5))
+                continue
+            except queue.Empty:
+                raise RuntimeError("the child processes exited without a result") from None
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout:.0f} s")
+    return items
+
+
 def run_children(procs: list[Any], out: Any, n: int) -> list[dict[str, Any]]:
     try:
-        results = [out.get(timeout=TIMEOUT) for _ in range(n)]
+        results = collect(out, n, procs, TIMEOUT)
         for p in procs:
             p.join(30)
         return results
@@ -481,8 +518,7 @@ def one_run(system: str, policy: str, publishers: int, count: int, base: str | N
         for p in procs:
             p.start()
         try:
-            for _ in procs:
-                ready.get(timeout=60)
+            collect(ready, publishers, procs, 120)
         except BaseException:
             for p in procs:
                 p.terminate()
@@ -519,7 +555,9 @@ def one_run(system: str, policy: str, publishers: int, count: int, base: str | N
             shutil.rmtree(workdir, ignore_errors=True)
     if stored is None:
         stored = con["distinct"]
+    distinct = con["distinct"] if con["distinct"] is not None else con["consumed"]
     losses = (count - confirmed) + abs(confirmed - stored) + abs(confirmed - con["consumed"]) \
+        + abs(confirmed - distinct) \
         + abs(confirmed - con["acked"]) + (con["unacked"] or 0) + con["redelivered"]
     return {
         "system": system, "policy": policy, "publishers": publishers, "count": count,
@@ -549,11 +587,17 @@ def versions(systems: list[str]) -> dict[str, str]:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             out[dist] = "not installed"
+    if "hostbus" in systems:  # a work tree may be ahead of its version: name the commit too
+        repo = str(Path(__file__).resolve().parent.parent)
+        head = run(["git", "-C", repo, "rev-parse", "--short", "HEAD"])
+        dirty = run(["git", "-C", repo, "status", "--porcelain", "--", "broker", "clients"])
+        out["hostbus"] += f" (commit {head}{', modified work tree' if dirty else ''})"
     if "redis" in systems:
-        out["redis-server"] = run(["redis-server", "--version"])
+        v = run(["redis-server", "--version"])
+        out["redis-server"] = next((w[2:] for w in v.split() if w.startswith("v=")), v)
     if "nats" in systems:
         try:
-            out["nats-server"] = run([str(nats_server_binary()), "--version"])
+            out["nats-server"] = run([str(nats_server_binary()), "--version"]).removeprefix("nats-server: ")
         except RuntimeError as exc:
             out["nats-server"] = str(exc)
     return out
@@ -582,13 +626,15 @@ def fmt(values: list[float]) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--count", type=int, default=100_000, help="messages per run, split between publishers")
+    ap.add_argument("--count", type=int, default=200_000, help="messages per run, split between publishers")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="10,000 messages, 1 repeat (while developing)")
     ap.add_argument("--json", action="store_true", help="print every run as JSON too")
     ap.add_argument("--systems", default="redis,nats,hostbus", help="comma-separated: redis, nats, hostbus")
     ap.add_argument("--dir", default=None, help="where the servers' temporary directories go (default: $TMPDIR)")
     args = ap.parse_args()
+    # SIGTERM unwinds like Ctrl-C, so the servers and children are stopped and the directories removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.quick:
         args.count, args.repeats = 10_000, 1
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
@@ -599,6 +645,7 @@ def main() -> int:
         print("# redis: skipped (redis-server not installed: apt-get install redis-server)", file=sys.stderr)
         systems.remove("redis")
     variants = [v for v in VARIANTS if v[0] in systems]
+    load0 = os.getloadavg()
     runs: list[dict[str, Any]] = []
     unavailable: dict[str, str] = {}
     failures: list[str] = []
@@ -623,9 +670,11 @@ def main() -> int:
                       f"consume+ack {r['consume_msgs_per_s']:,.0f}/s, losses {r['losses']}", file=sys.stderr)
 
     vers, mach = versions(systems), machine(args.dir)
+    mach["load"] = f"load average {load0[0]:.2f} at the start, {os.getloadavg()[0]:.2f} at the end"
     print(f"# Topic queues, confirmed publishing: {SIZE}-byte messages, {args.count:,} per run "
           f"(split between the publishers), {args.repeats} repeats; median (min - max)")
-    print(f"# machine: {mach['host']}, {mach['cpu']}, {mach['memory']}, {mach['kernel']}; data in {mach['data_dir']}")
+    print(f"# machine: {mach['host']}, {mach['cpu']}, {mach['memory']}, {mach['kernel']}; data in {mach['data_dir']}; "
+          f"{mach['load']}")
     print("# versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()))
     print("| system, durability | 1 publisher, confirmed msg/s | 4 publishers, confirmed msg/s "
           "| consume + ack msg/s (1 consumer) | losses |")

@@ -505,8 +505,8 @@ class QueueService:
         if q.broken is not None:
             return ErrorCode.STORAGE, "broken", f"queue {q.name!r} cannot store messages: {q.broken}"
         if payload_len > spec.max_msg_size:
-            return (ErrorCode.LIMIT, "too_large", f"message of {payload_len} bytes exceeds queue {q.name!r}'s "
-                    f"max_msg_size of {spec.max_msg_size}")
+            return (ErrorCode.LIMIT, "too_large", f"message of {payload_len} bytes exceeds the max_msg_size of "
+                    f"queue {q.name!r} ({spec.max_msg_size})")
         if spec.discard == "new":
             n = len(q.log) + len(q.buffer)
             size = q.log.nbytes + q.buffer_bytes + len(block)
@@ -848,6 +848,8 @@ class QueueService:
                     self._release(c, seq)
             elif kind == wire.frames.ACK_PROGRESS:
                 core.in_progress(seq)
+        if c.queue.spec.retention == "acked":
+            self._retain(c.queue)
         self._mark(c)
 
     @staticmethod
