@@ -31,6 +31,7 @@ and every later publish to it is refused until the daemon restarts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -322,14 +323,25 @@ class QueueService:
             self._unindex(q)
             q.spec = spec
             self._index(q)
-            self._persist_spec(q)
+            try:
+                self._persist_spec(q)
+            except OSError as exc:  # in force now; a restart would bring back the old properties
+                self._event("error", "queue_spec_not_saved", queue=spec.name, error=exc.strerror)
             self._retain(q)
             return q
         if len(self.queues) >= self.config.store.max_queues:
             raise LimitExceededError(f"the daemon already holds {len(self.queues)} queues, the limit "
                                      "(store.max_queues)", code=ErrorCode.LIMIT)
-        q = self._open(spec)
-        self._persist_spec(q)
+        try:
+            q = self._open(spec)
+        except (OSError, StorageError) as exc:
+            raise HostbusError(f"cannot create queue {spec.name!r}: {exc}", code=ErrorCode.STORAGE) from None
+        try:
+            self._persist_spec(q)
+        except OSError as exc:
+            self.delete(spec.name)
+            raise HostbusError(f"cannot create queue {spec.name!r}: {exc.strerror or exc}",
+                               code=ErrorCode.STORAGE) from None
         self._event("info", "queue_declared", queue=spec.name, subjects=spec.subjects, storage=spec.storage,
                     durability=spec.durability)
         return q
@@ -410,7 +422,8 @@ class QueueService:
         q.buffer, q.buffer_confirms = [], []
         if q.sync_timer is not None:
             q.sync_timer.cancel()
-        q.log.close()
+        with contextlib.suppress(OSError, StorageError):  # being deleted: a failed last sync is moot
+            q.log.close()
         if q.dir is not None:
             shutil.rmtree(q.dir, ignore_errors=True)
         self._event("info", "queue_deleted", queue=name)
@@ -418,7 +431,10 @@ class QueueService:
     def purge(self, name: str) -> int:
         q = self._get(name)
         self._commit_queue(q)  # what was captured before the purge is purged too
-        n = q.log.drop_below(q.log.last_seq + 1)
+        try:
+            n = q.log.drop_below(q.log.last_seq + 1)
+        except (OSError, StorageError) as exc:
+            raise HostbusError(f"cannot purge queue {name!r}: {exc}", code=ErrorCode.STORAGE) from None
         for c in q.consumers.values():
             st = c.core.state
             st.pending.clear()
@@ -668,11 +684,14 @@ class QueueService:
         if spec.retention == "acked" and q.consumers:
             below = min(c.core.state.ack_floor for c in q.consumers.values()) + 1
         before = q.log.first_seq
-        if spec.discard == "old":
-            q.log.trim(max_msgs=spec.max_msgs, max_bytes=spec.max_bytes,
-                       max_age_ns=int(spec.max_age * 1e9) if spec.max_age else None, below_seq=below)
-        else:
-            q.log.trim(max_age_ns=int(spec.max_age * 1e9) if spec.max_age else None, below_seq=below)
+        age = int(spec.max_age * 1e9) if spec.max_age else None
+        try:
+            if spec.discard == "old":
+                q.log.trim(max_msgs=spec.max_msgs, max_bytes=spec.max_bytes, max_age_ns=age, below_seq=below)
+            else:
+                q.log.trim(max_age_ns=age, below_seq=below)
+        except (OSError, StorageError) as exc:  # the records stay readers' until the next pass
+            self._event("error", "queue_retention_failed", queue=q.name, error=str(exc))
         if q.log.first_seq != before:
             q.state_dirty = True
 

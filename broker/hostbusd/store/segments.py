@@ -220,7 +220,10 @@ class SegmentLog:
                     self._write(seg, buf, starts, t)
                     buf = bytearray()
                     starts = []
-                seg = self._new_segment(seq + 1)
+                try:
+                    seg = self._new_segment(seq + 1)
+                except OSError as exc:
+                    raise StorageError(f"cannot begin a segment in {self.dir}: {exc.strerror or exc}") from None
             seq += 1
             body = META.pack(seq, t) + payload
             starts.append(len(buf))
