@@ -157,3 +157,24 @@ def test_a_write_the_filesystem_refuses_leaves_the_log_as_it_was(tmp_path: Path)
     assert [p for _, _, p in log.read()] == payloads(100)
     assert log.append([b"room again"]) == [101]
     log.close()
+
+
+def test_a_segment_cut_short_in_the_middle_leaves_a_gap_that_reads_skip(tmp_path: Path) -> None:
+    log = SegmentLog.open(tmp_path / "q", max_segment_bytes=300)
+    log.append(payloads(40))
+    log.close()
+    segs = sorted((tmp_path / "q").iterdir())
+    assert len(segs) > 3
+    second = segs[1]
+    data = bytearray(second.read_bytes())
+    data[HEAD.size + META.size + 2] ^= 0xFF  # the first record of the second segment
+    second.write_bytes(bytes(data))
+    log = SegmentLog.open(tmp_path / "q", max_segment_bytes=300)
+    first_of_second = int(second.name[:-4])
+    assert log.recovery.files[second.name][1] >= 1
+    got = [s for s, _, _ in log.read()]
+    after = int(segs[2].name[:-4])
+    assert got == [*range(1, first_of_second), *range(after, 41)]  # the gap is skipped, nothing corrupt read
+    assert [s for s, _, _ in log.read(first_of_second, 1)] == [after]  # asked inside the gap: what follows it
+    assert log.append([b"next"]) == [41]
+    log.close()

@@ -901,7 +901,12 @@ class QueueService:
         if q.deleted:
             return False
         batch = self.config.store.deliver_batch
-        got = c.core.take(batch, upto=q.visible)
+        try:
+            got = c.core.take(batch, upto=q.visible)
+        except (OSError, StorageError) as exc:  # the file changed under us, or the disk fails
+            if q.broken is None:
+                self._broken(q, f"cannot read: {exc}", [])
+            return False
         if not got:
             return False
         n = len(ready)

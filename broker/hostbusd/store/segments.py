@@ -301,18 +301,21 @@ class SegmentLog:
     def read(self, start: int = 1, limit: int | None = None, stop: int | None = None,
              ) -> Iterator[tuple[int, int, bytes]]:
         """(seq, time_ns, payload) from ``start`` (at least the floor) to ``stop`` (exclusive;
-        default: the end), at most ``limit``; checksums checked. One pread per segment touched."""
+        default: the end), at most ``limit`` records; checksums checked. One pread per segment
+        touched. Seqs missing after a recovery (a gap) are skipped."""
         start = max(start, self.floor)
         end = self.last_seq + 1 if stop is None else min(stop, self.last_seq + 1)
-        if limit is not None:
-            end = min(end, start + limit)
+        left = limit if limit is not None else end - start
         i = self._segment_of(start)
-        while start < end and i < len(self.segments):
+        while start < end and left > 0 and i < len(self.segments):
             seg = self.segments[i]
             i += 1
             if seg.last < start:
                 continue
-            hi = min(end, seg.last + 1)
+            start = max(start, seg.first)  # after a gap (a segment lost or cut short): what follows it
+            hi = min(end, seg.last + 1, start + left)
+            if start >= hi:
+                break
             lo_off = seg.offsets[start - seg.first]
             hi_off = seg.offsets[hi - seg.first] if hi <= seg.last else seg.size
             if seg.fd < 0:
@@ -326,6 +329,7 @@ class SegmentLog:
                 length = rec[0]
                 yield seq, rec[2], data[pos + HEAD.size + META.size:pos + 4 + length]
                 pos += 4 + length
+            left -= hi - start
             start = hi
 
     def _segment_of(self, seq: int) -> int:
