@@ -12,6 +12,7 @@ import concurrent.futures
 import contextlib
 import os
 import socket
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ from hostbusd.net.zmq_gateway import ZmqGateway
 
 #: Seconds between two housekeeping passes (handshake and partial-frame timeouts).
 HOUSEKEEPING_INTERVAL = 0.25
+#: The interpreter's thread switch interval while the broker runs (see Broker.start).
+FSYNC_SWITCH_INTERVAL = 0.0005
 
 
 class _LoopScheduler:
@@ -84,6 +87,11 @@ class Broker:
             self.add_fifo(f)
         self._initial_fifos = []
         self.rings = RingService(self.hub, loop)
+        # An fsync of a topic queue ends on a worker thread that must take the GIL back to hand its
+        # result to the loop; with the default switch interval (5 ms) a busy loop keeps it waiting
+        # that long, and every confirm of a durability = always queue with it. 0.5 ms: confirms
+        # follow the disk, at the cost of more GIL hand-overs while a worker waits.
+        sys.setswitchinterval(FSYNC_SWITCH_INTERVAL)
         self.queues = QueueService(self.hub, _LoopScheduler(loop, self._fsync_threads), self._state_dir, self._log)
         self.hub.queues = self.hub.router.queues = self.queues
         self.queues.start()

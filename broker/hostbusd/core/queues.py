@@ -838,6 +838,11 @@ class QueueService:
         self.leave(member)
         member.session.send(wire.encode_err(code, member.sid, message, fatal=False))
 
+    def resumed(self, session: Session) -> None:
+        """The session's connection takes output again: its consumers may hand it more."""
+        for member in session.members.values():
+            self._mark(member.consumer)
+
     def session_closed(self, session: Session) -> None:
         for member in list(session.members.values()):
             self.leave(member)

@@ -125,8 +125,11 @@ class UnixPeer(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         if self.core is not None:
-            self.core.session.paused = False
+            session = self.core.session
+            session.paused = False
             self.flush()
+            if session.members and self.hub.queues is not None:  # a consumer member can take more now
+                self.hub.queues.resumed(session)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._abort_handle is not None:
