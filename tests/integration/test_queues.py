@@ -98,6 +98,26 @@ def test_confirms_give_the_stored_seq_and_many_can_be_in_flight(node: Restartabl
         assert bus.queue_info("orders")["messages"] == 20_002
 
 
+def test_a_batch_of_confirmed_publishes_is_answered_in_order(node: Restartable) -> None:
+    d = node.start({"queues": [{"name": "orders", "subjects": ["orders.>"]},
+                               {"name": "small", "subjects": ["small"], "max_msgs": 2, "discard": "new"}]})
+    with d.connect() as bus:
+        got = bus.publish_batch([("orders.a", b"x")] * 5000 + [("orders.b", b"y", {"k": "v"}), ("free", b"z")])
+        assert got[:5000] == [{"orders": i} for i in range(1, 5001)]
+        assert got[5000:] == [{"orders": 5001}, {}]
+        futs = [bus.publish_batch_async([("orders.c", b"%d" % i)] * 100) for i in range(20)]  # pipelined
+        seqs = [r["orders"] for f in futs for r in f.result(10)]
+        assert seqs == list(range(5002, 7002))
+        with pytest.raises(hostbus.QueueFullError) as info:
+            bus.publish_batch([("small", b"1"), ("small", b"2"), ("small", b"3"), ("orders.d", b"4")])
+        results = info.value.results  # type: ignore[attr-defined]
+        assert results[:2] == [{"small": 1}, {"small": 2}] and isinstance(results[2], hostbus.QueueFullError)
+        assert results[3] == {"orders": 7002}
+        assert bus.publish_batch([]) == []
+        c = bus.consume("orders", "w", max_inflight=10_000)
+        assert [m.seq for m in take(c, 7002)] == list(range(1, 7003))
+
+
 def test_a_message_captured_by_two_queues_is_confirmed_with_both_seqs(node: Restartable) -> None:
     d = node.start({"queues": [{"name": "all", "subjects": [">"]},
                                {"name": "eu", "subjects": ["orders.eu.*"], "storage": "memory"}]})
@@ -505,8 +525,10 @@ def test_the_asyncio_client_confirms_and_consumes(node: Restartable) -> None:
         bus = await hostbus.aio.connect(d.socket)
         try:
             assert await bus.publish("orders.a", b"1", confirm=True) == {"orders": 1}
-            futs = [await bus.publish_async("orders.b", str(i).encode()) for i in range(500)]
-            assert [f["orders"] for f in await asyncio.gather(*futs)] == list(range(2, 502))
+            futs = [await bus.publish_async("orders.b", str(i).encode()) for i in range(400)]
+            assert [f["orders"] for f in await asyncio.gather(*futs)] == list(range(2, 402))
+            batch = await bus.publish_batch([("orders.c", b"%d" % i) for i in range(100)])
+            assert [r["orders"] for r in batch] == list(range(402, 502))
             c = await bus.consume("orders", "aio", max_inflight=100)
             seqs = []
             async for m in c:

@@ -43,6 +43,8 @@ _MAX_GROUP_BYTES = 255
 #: Units of work one peer may do before the loop serves others (see the module docstring).
 TURN_BUDGET = 20_000
 _PUB = int(FrameType.PUB)
+_CPUB = int(FrameType.CPUB)
+_U32_AT = wire.frames.U32.unpack_from
 QUEUE_OPS = ("queue_add", "queue_info", "queue_list", "queue_delete", "queue_purge")
 
 
@@ -108,6 +110,11 @@ class PeerCore:
                     self.frames_done += 1
                     if ftype == _PUB and self.state is State.OPEN:
                         budget -= 1 + self._publish(flags, body)
+                    elif ftype == _CPUB and self.state is State.OPEN and len(body) >= 4:
+                        pub_id = _U32_AT(body, 0)[0]
+                        if pub_id == 0:
+                            raise RemoteProtocolError("CPUB with id 0: ids start at 1")
+                        budget -= 1 + self._publish(0, body[4:], pub_id)
                     else:
                         budget -= 1 + self._control(ftype, body)
                     if session.closing:
@@ -147,7 +154,8 @@ class PeerCore:
                                              "waiting for storage on this connection, the limit "
                                              "(store.max_pending_confirms)", fatal=False))
                 return 0
-            confirm = Confirm(session, pub_id)
+            queues = self.hub.queues
+            confirm = Confirm(session, pub_id, queues.confirm_ready if queues is not None else None)
             confirm.remaining = 1  # held until routing is done, so an answer is sent once
             session.confirms += 1
         try:

@@ -77,16 +77,24 @@ _SENDER_CACHE = 4096
 #: Most message ids one queue remembers for its duplicate window.
 MAX_DUPLICATE_IDS = 100_000
 _QMSG_OVERHEAD = wire.frames.QMSG_HEAD.size
-_STORED_ITEM = wire.frames.STORED_ITEM
 _U32 = wire.frames.U32
 
 # Consumer options a client may give, and their checks: (type, lowest value).
 _NUMBER_OPTIONS = {"ack_wait": (0.001, 86400.0 * 365), "max_deliver": (0, 1 << 31), "max_inflight": (1, 1 << 20)}
 
 
+_RECORD_HEADS: dict[Identity, bytes] = {}  # the record head of each recent sender
+
+
 def encode_record(ident: Identity, block: bytes) -> bytes:
-    origin = ident.origin.encode()[:255]
-    return RECORD.pack(RECORD_VERSION, ident.uid, ident.gid, ident.pid, len(origin)) + origin + block
+    head = _RECORD_HEADS.get(ident)
+    if head is None:
+        origin = ident.origin.encode()[:255]
+        if len(_RECORD_HEADS) >= _SENDER_CACHE:
+            _RECORD_HEADS.clear()
+        head = _RECORD_HEADS[ident] = RECORD.pack(RECORD_VERSION, ident.uid, ident.gid, ident.pid,
+                                                  len(origin)) + origin
+    return head + block
 
 
 def decode_record(payload: bytes) -> tuple[int, int, int, str, bytes]:
@@ -117,14 +125,15 @@ def loss_window(spec: QueueConfig) -> str:
 class Confirm:
     """A confirmed publish waiting for every queue that captured it."""
 
-    __slots__ = ("error", "pub_id", "remaining", "seqs", "session")
+    __slots__ = ("error", "pub_id", "ready", "remaining", "seqs", "session")
 
-    def __init__(self, session: Session, pub_id: int) -> None:
+    def __init__(self, session: Session, pub_id: int, ready: Callable[[Confirm], None] | None = None) -> None:
         self.session = session
         self.pub_id = pub_id
         self.remaining = 0
         self.seqs: dict[str, int] = {}
         self.error: tuple[int, str] | None = None
+        self.ready = ready  # takes a stored confirm (coalesced with others into one STORED); None: sent alone
 
     def stored(self, queue: str, seq: int) -> None:
         self.seqs[queue] = seq
@@ -153,12 +162,27 @@ class Confirm:
             if self.seqs:
                 message += f" (stored in {', '.join(sorted(self.seqs))})"
             session.send(wire.encode_err(code, self.pub_id, message, fatal=False))
-            return
-        body = bytearray(_U32.pack(self.pub_id))
-        for name, seq in self.seqs.items():
-            raw = name.encode()
-            body += _STORED_ITEM.pack(seq, len(raw)) + raw
-        session.send(wire.frame(wire.FrameType.STORED, bytes(body)))
+        elif self.ready is not None and self.seqs:
+            self.ready(self)
+        else:
+            session.send(wire.encode_stored(self.pub_id, 1, self.seqs))
+
+
+def send_confirms(session: Session, confirms: list[Confirm]) -> None:
+    """STORED frames for ``confirms`` (stored, in the order they completed): one frame per run
+    of consecutive publish ids that got consecutive seqs in the same queues."""
+    run: Confirm | None = None
+    count = 0
+    for c in confirms:
+        if run is not None and c.pub_id == run.pub_id + count and c.seqs.keys() == run.seqs.keys() and all(
+                seq == run.seqs[name] + count for name, seq in c.seqs.items()):
+            count += 1
+            continue
+        if run is not None:
+            session.send(wire.encode_stored(run.pub_id, count, run.seqs))
+        run, count = c, 1
+    if run is not None:
+        session.send(wire.encode_stored(run.pub_id, count, run.seqs))
 
 
 class Member:
@@ -273,6 +297,7 @@ class QueueService:
         self._dirty: set[QueueConsumer] = set()
         self._pump_scheduled = False
         self._senders: dict[tuple[int, int, int, str], Identity] = {}
+        self._confirmed: dict[Session, list[Confirm]] = {}  # stored this loop iteration, not yet told
         self._last_save = time.monotonic()
         self.stopped = False
 
@@ -470,6 +495,22 @@ class QueueService:
             _write_atomic(q.dir / "queue.json", json.dumps(q.spec.model_dump(), indent=1).encode())
 
     # ---- capture and commit -------------------------------------------------------------------
+
+    def confirm_ready(self, confirm: Confirm) -> None:
+        """A confirmed publish is stored: told at the end of this loop iteration, with the others
+        of its connection, in as few STORED frames as runs of ids allow."""
+        waiting = self._confirmed.get(confirm.session)
+        if waiting is None:
+            if not self._confirmed:
+                self.loop.call_soon(self._send_confirms)
+            self._confirmed[confirm.session] = [confirm]
+        else:
+            waiting.append(confirm)
+
+    def _send_confirms(self) -> None:
+        confirmed, self._confirmed = self._confirmed, {}
+        for session, confirms in confirmed.items():
+            send_confirms(session, confirms)
 
     def capturing(self, topic: str) -> tuple[TopicQueue, ...]:
         got = self._match_cache.get(topic)

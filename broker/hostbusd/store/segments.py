@@ -225,9 +225,11 @@ class SegmentLog:
                 except OSError as exc:
                     raise StorageError(f"cannot begin a segment in {self.dir}: {exc.strerror or exc}") from None
             seq += 1
-            body = META.pack(seq, t) + payload
+            meta = META.pack(seq, t)
             starts.append(len(buf))
-            buf += HEAD.pack(len(body) + 4, zlib.crc32(body)) + body
+            buf += HEAD.pack(len(payload) + 20, zlib.crc32(payload, zlib.crc32(meta)))
+            buf += meta
+            buf += payload
             seqs.append(seq)
         if buf:
             self._write(seg, buf, starts, t)

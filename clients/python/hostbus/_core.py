@@ -78,6 +78,52 @@ class SubscriptionState:
         return len(self._items)
 
 
+class BatchConfirms:
+    """The answers to a batch of confirmed publishes, gathered into one waiter: its result is
+    the list of ``{queue: seq}``, or (if any was refused) the first error, whose ``results``
+    holds every answer (a dict, or the error of that message)."""
+
+    def __init__(self, n: int, waiter: Waiter) -> None:
+        self.results: list[Any] = [None] * n
+        self.left = n
+        self.waiter = waiter
+
+    def part(self, k: int) -> _BatchPart:
+        return _BatchPart(self, k)
+
+    def _answer(self, k: int, value: Any) -> None:
+        self.results[k] = value
+        self.left -= 1
+        if self.left == 0:
+            errors = [r for r in self.results if isinstance(r, BaseException)]
+            if errors:
+                first = errors[0]
+                first.results = self.results  # type: ignore[attr-defined]
+                _settle(self.waiter, exc=first)
+            else:
+                _settle(self.waiter, self.results)
+
+
+class _BatchPart:
+    __slots__ = ("batch", "k", "settled")
+
+    def __init__(self, batch: BatchConfirms, k: int) -> None:
+        self.batch = batch
+        self.k = k
+        self.settled = False
+
+    def done(self) -> bool:
+        return self.settled
+
+    def set_result(self, result: Any, /) -> None:
+        self.settled = True
+        self.batch._answer(self.k, result)
+
+    def set_exception(self, exception: BaseException, /) -> None:
+        self.settled = True
+        self.batch._answer(self.k, exception)
+
+
 def _settle(waiter: Waiter, result: Any = None, exc: BaseException | None = None) -> None:
     if waiter.done():
         return
@@ -139,6 +185,29 @@ class ClientCore:
         flags = (wire.PUB_RETAIN if retain else 0) | (wire.PUB_REQUEST if request else 0)
         return wire.encode_pub(self.topic_bytes(topic), data, wire.encode_headers(headers) if headers else b"",
                                reply.encode() if reply else b"", flags, self.max_frame, pub_id)
+
+    def batch(self, messages: Any, waiter: Waiter) -> bytes:
+        """CPUB frames for ``messages`` ((topic, data) or (topic, data, headers) items), their
+        answers gathered into ``waiter`` (see :class:`BatchConfirms`). The ids are taken from the
+        shared counter; call with the client's registration lock held."""
+        items = list(messages)
+        frames = []
+        ids = []
+        for item in items:
+            if len(item) == 2:
+                topic, data = item
+                headers = None
+            else:
+                topic, data, headers = item
+            pub_id = next(self.ids)
+            frames.append(self.pub(topic, data, headers, pub_id=pub_id))
+            ids.append(pub_id)
+        gather = BatchConfirms(len(ids), waiter)
+        if not ids:
+            _settle(waiter, [])
+        for k, pub_id in enumerate(ids):
+            self.register(self.confirms, pub_id, gather.part(k))
+        return b"".join(frames)
 
     @staticmethod
     def consume_options(queue: str, consumer: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -323,10 +392,12 @@ class ClientCore:
             if waiter is not None:
                 _settle(waiter, wire.decode_json_obj(raw))
         elif ftype == FrameType.STORED:
-            pub_id, seqs = wire.decode_stored(body)
-            waiter = self.confirms.pop(pub_id, None)
-            if waiter is not None:
-                _settle(waiter, seqs)
+            first, count, seqs = wire.decode_stored(body)
+            confirms = self.confirms
+            for k in range(count):
+                waiter = confirms.pop(first + k, None)
+                if waiter is not None:
+                    _settle(waiter, {name: seq + k for name, seq in seqs.items()} if k else seqs)
         elif ftype == FrameType.ERR:
             self._error(flags, body)
         elif ftype == FrameType.WELCOME:

@@ -12,7 +12,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -251,6 +251,17 @@ class Bus:
         self._send(frame)
         await self._after_send()
         return fut
+
+    async def publish_batch(self, messages: Iterable[tuple[Any, ...]],
+                            timeout: float | None = DEFAULT_CONTROL_TIMEOUT) -> list[dict[str, int]]:
+        """See :meth:`hostbus.Bus.publish_batch`."""
+        self._core.check()
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        frames = self._core.batch(messages, fut)
+        if frames:
+            self._send(frames)
+            await self._after_send()
+        return await _wait(fut, timeout, "confirm of a batch of publishes")  # type: ignore[no-any-return]
 
     def _answer(self, sid: int, kind: int, seq: int, delay_ms: int) -> None:
         self._send(wire.encode_ack(sid, [(kind, seq, delay_ms)]))

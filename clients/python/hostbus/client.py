@@ -15,7 +15,7 @@ import contextlib
 import os
 import socket as _socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -204,6 +204,26 @@ class Bus:
         except BaseException:
             self._core.confirms.pop(pub_id, None)
             raise
+        return fut
+
+    def publish_batch(self, messages: Iterable[tuple[Any, ...]], timeout: float | None = DEFAULT_CONTROL_TIMEOUT,
+                      ) -> list[dict[str, int]]:
+        """Confirmed publishes of many messages at once: ``messages`` are ``(topic, data)`` or
+        ``(topic, data, headers)``; returns the ``{queue: seq}`` of each, in order, once all are
+        stored. If any was refused, raises the first error; its ``results`` attribute holds every
+        answer (a dict, or that message's error). The batch is sent in one write and answered in
+        few frames: the fastest way to publish confirmed from one thread."""
+        return _wait(self.publish_batch_async(messages), timeout,  # type: ignore[no-any-return]
+                     "confirm of a batch of publishes")
+
+    def publish_batch_async(self, messages: Iterable[tuple[Any, ...]]) -> concurrent.futures.Future[Any]:
+        """:meth:`publish_batch` without waiting: a future of the list of ``{queue: seq}``."""
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        with self._lock:
+            self._core.check()
+            frames = self._core.batch(messages, fut)
+        if frames:
+            self._send(frames)
         return fut
 
     def _answer(self, sid: int, kind: int, seq: int, delay_ms: int) -> None:

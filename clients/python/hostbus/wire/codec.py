@@ -32,6 +32,7 @@ from hostbus.wire.frames import (
     MSG_BLOCK,
     MSG_HEAD,
     SENDER,
+    STORED_HEAD,
     STORED_ITEM,
     U16,
     U32,
@@ -232,11 +233,15 @@ def encode_ack(sid: int, items: list[tuple[int, int, int]]) -> bytes:
     return frame(FrameType.ACK, U32.pack(sid) + b"".join(ACK_ITEM.pack(*item) for item in items))
 
 
-def decode_stored(body: bytes) -> tuple[int, dict[str, int]]:
-    """A STORED frame: the confirmed publish's id and the seq it got in each queue."""
-    pub_id, rest = split_u32(body)
+def decode_stored(body: bytes) -> tuple[int, int, dict[str, int]]:
+    """A STORED frame: (first pub_id, count, {queue: seq of the first}); publish ``first + k``
+    got ``seq + k`` in each queue."""
+    if len(body) < STORED_HEAD.size:
+        raise RemoteProtocolError(f"STORED frame of {len(body)} bytes is shorter than its 8-byte head")
+    first, count = STORED_HEAD.unpack_from(body, 0)
+    rest = body
     out: dict[str, int] = {}
-    pos = 0
+    pos = STORED_HEAD.size
     while pos < len(rest):
         if pos + STORED_ITEM.size > len(rest):
             raise RemoteProtocolError("STORED frame ends inside an item")
@@ -246,7 +251,15 @@ def decode_stored(body: bytes) -> tuple[int, dict[str, int]]:
             raise RemoteProtocolError("STORED frame's queue name runs past its end")
         out[rest[pos:pos + n].decode(errors="replace")] = seq
         pos += n
-    return pub_id, out
+    return first, count, out
+
+
+def encode_stored(first: int, count: int, seqs: Mapping[str, int]) -> bytes:
+    body = bytearray(STORED_HEAD.pack(first, count))
+    for name, seq in seqs.items():
+        raw = name.encode()
+        body += STORED_ITEM.pack(seq, len(raw)) + raw
+    return frame(FrameType.STORED, bytes(body))
 
 
 def encode_hello(name: str | None, client: str, protocol: int) -> bytes:

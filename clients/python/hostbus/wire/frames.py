@@ -38,7 +38,10 @@ QMSG_PREFIX = struct.Struct("<IQQIQ")
 QMSG_HEAD = struct.Struct("<IBBIQQIQ")
 #: An ACK item: ``u8 kind, u64 seq, u32 delay_ms`` (after the ``u32 sid`` of the frame).
 ACK_ITEM = struct.Struct("<BQI")
-#: A STORED item: ``u64 seq, u8 name_len`` then the queue's name (after the ``u32 id``).
+#: STORED: ``u32 first_pub_id, u32 count`` then items ``u64 first_seq, u8 name_len, name``: the
+#: confirmed publishes first_pub_id .. first_pub_id + count - 1 got first_seq .. + count - 1 in
+#: each named queue.
+STORED_HEAD = struct.Struct("<II")
 STORED_ITEM = struct.Struct("<QB")
 #: A u32 (sid of SUB/UNSUB/OK, token of PING/PONG, id of CALL/RESULT).
 U32 = struct.Struct("<I")
