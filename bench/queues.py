@@ -11,9 +11,10 @@ one durable queue or stream, and then:
 2. **consume + ack**: one consumer process then reads every message and acknowledges each one; the
    rate is messages consumed and acknowledged per second, from its first read to its last ack
    having reached the server;
-3. **losses**: the count stored (Redis ``XLEN``, JetStream stream state, hostbus: distinct sequence
-   numbers consumed) and the count consumed must both equal the count confirmed, and nothing may be
-   left unacknowledged or redelivered. A run with losses makes the command exit 1.
+3. **losses**: the count stored (Redis ``XLEN``, JetStream stream state, hostbus ``queue_info``),
+   the count consumed and (hostbus) the distinct sequence numbers consumed must each equal the count
+   confirmed, and nothing may be left unacknowledged or redelivered. A run with losses makes the
+   command exit 1.
 
 Durability policies, each run as its own rows:
 
@@ -24,7 +25,9 @@ Durability policies, each run as its own rows:
   (2 min); ``js.publish_async`` with up to 1000 confirms in flight per publisher; consumed by a
   durable pull consumer, ``fetch(256)`` and ``msg.ack()`` per message.
 - hostbus: a ``storage="file"`` queue with ``durability="always"`` and ``"interval"``
-  (``sync_interval_ms=100``); ``bus.publish_async`` with a window of 1000 outstanding confirms;
+  (``sync_interval_ms=100``); ``bus.publish_batch_async`` of 100 messages (as many as a Redis
+  pipeline) with up to 1000 confirms outstanding, or with ``--hb-api async`` one
+  ``bus.publish_async`` future per message, with a window of 1000;
   consumed with ``bus.consume(...).next()`` and ``m.ack()`` per message. When the daemon or client
   has no queues yet, its rows say "not available (<error>)" and the peers still run.
 
@@ -59,7 +62,11 @@ REDIS_PIPELINE = 100  # XADDs per pipeline
 REDIS_READ = 256  # XREADGROUP COUNT
 NATS_INFLIGHT = 1000  # JetStreamContext(publish_async_max_pending=...)
 NATS_FETCH = 256  # pull consumer fetch batch
-HB_WINDOW = 1000  # outstanding publish_async futures per hostbus publisher
+HB_WINDOW = 1000  # outstanding confirms per hostbus publisher
+HB_BATCH = 100  # messages per publish_batch (as many as a Redis pipeline)
+# "batch": publish_batch_async; "async": one publish_async future per message (--hb-api; the
+# environment carries it to the spawned publishers).
+HB_API = os.environ.get("HOSTBUS_BENCH_API", "batch")
 HB_INTERVAL_MS = 100
 PUBLISHERS = (1, 4)
 TIMEOUT = 600.0  # seconds any one phase may take before the run is abandoned
@@ -320,10 +327,20 @@ def nats_publish(address: str, n: int, payload: bytes, start: Callable[[], None]
 def hostbus_publish(address: str, n: int, payload: bytes, start: Callable[[], None]) -> int:
     import hostbus
     bus = hostbus.connect(address, name="bench-pub")
-    publish_async = bus.publish_async
     start()
     window: deque[Any] = deque()
     confirmed = 0
+    if HB_API == "batch":  # publish_batch of HB_BATCH, up to HB_WINDOW confirms outstanding
+        batch = [(SUBJECT, payload)] * HB_BATCH
+        for sent in range(0, n, HB_BATCH):
+            if len(window) * HB_BATCH >= HB_WINDOW:
+                confirmed += sum(isinstance(r.get("bench"), int) for r in window.popleft().result(TIMEOUT))
+            window.append(bus.publish_batch_async(batch[:min(HB_BATCH, n - sent)]))
+        while window:
+            confirmed += sum(isinstance(r.get("bench"), int) for r in window.popleft().result(TIMEOUT))
+        bus.close()
+        return confirmed
+    publish_async = bus.publish_async
     for _ in range(n):
         if len(window) >= HB_WINDOW:
             confirmed += isinstance(window.popleft().result(TIMEOUT).get("bench"), int)
@@ -631,8 +648,11 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="10,000 messages, 1 repeat (while developing)")
     ap.add_argument("--json", action="store_true", help="print every run as JSON too")
     ap.add_argument("--systems", default="redis,nats,hostbus", help="comma-separated: redis, nats, hostbus")
+    ap.add_argument("--hb-api", choices=("batch", "async"), default="batch",
+                    help="hostbus publishers: publish_batch_async of 100 (default) or publish_async per message")
     ap.add_argument("--dir", default=None, help="where the servers' temporary directories go (default: $TMPDIR)")
     args = ap.parse_args()
+    os.environ["HOSTBUS_BENCH_API"] = args.hb_api
     # SIGTERM unwinds like Ctrl-C, so the servers and children are stopped and the directories removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.quick:
