@@ -865,12 +865,9 @@ class QueueService:
         member.session.members.pop(member.sid, None)
         if member.session.account is not None:
             member.session.account.consumers -= 1
-        now = c.core.clock()
-        pending = c.core.state.pending
         for seq in member.outstanding:
-            p = pending.get(seq)
-            if p is not None and c.owner.get(seq) is member:
-                p.due = now
+            if c.owner.get(seq) is member:
+                c.core.due_now(seq)
                 del c.owner[seq]
         member.outstanding.clear()
         self._mark(c)

@@ -201,13 +201,22 @@ class Consumer:
         self.accept = accept  # a filter: records it refuses are passed over (done for this consumer)
         self.redelivered = 0
         self.dead_lettered = 0
+        # No pending delivery is due before this (a lower bound: acknowledgements only raise the
+        # true minimum). Lets take() skip the scan of the pending set until something is due.
+        self.due_floor = min((p.due for p in state.pending.values()), default=float("inf"))
 
     # ---- handing out --------------------------------------------------------------------------
 
     def next_due(self) -> float | None:
-        """When the earliest unacknowledged delivery is due again (None: nothing pending)."""
-        pending = self.state.pending
-        return min(p.due for p in pending.values()) if pending else None
+        """No pending delivery is due before this (None: nothing pending)."""
+        return self.due_floor if self.state.pending else None
+
+    def due_now(self, seq: int) -> None:
+        """Make the pending ``seq`` due at once (its member went away)."""
+        p = self.state.pending.get(seq)
+        if p is not None:
+            p.due = now = self.clock()
+            self.due_floor = min(self.due_floor, now)
 
     def take(self, n: int, upto: int | None = None) -> list[Delivery]:
         """Up to ``n`` deliveries: those due again first (oldest first), then new messages up to
@@ -216,9 +225,13 @@ class Consumer:
         st = self.state
         now = self.clock()
         out: list[Delivery] = []
-        due = sorted(seq for seq, p in st.pending.items() if p.due <= now) if st.pending else []
+        due: list[int] = []
+        if st.pending and self.due_floor <= now:
+            due = sorted(seq for seq, p in st.pending.items() if p.due <= now)
+            self.due_floor = min((p.due for p in st.pending.values() if p.due > now), default=float("inf"))
         for seq in due:
             if len(out) >= n:
+                self.due_floor = now  # the rest are still due: the next take looks again
                 break
             p = st.pending[seq]
             stored = self._payload(seq)
@@ -232,6 +245,7 @@ class Consumer:
                 continue
             p.count += 1
             p.due = now + self._wait(p.count)
+            self.due_floor = min(self.due_floor, p.due)
             self.redelivered += 1
             out.append(Delivery(seq, p.count, stored[0], stored[1]))
         room = min(n - len(out), self.options.max_inflight - len(st.pending))  # pending: all outstanding
@@ -247,6 +261,7 @@ class Consumer:
                     self._done(seq, pending=False)
                     continue
                 st.pending[seq] = Pending(1, now + self.options.ack_wait)
+                self.due_floor = min(self.due_floor, now + self.options.ack_wait)
                 out.append(Delivery(seq, 1, t, payload))
                 room -= 1
             if not got or accept is None:
@@ -287,6 +302,7 @@ class Consumer:
             backoff = self.options.backoff
             delay = backoff[min(p.count - 1, len(backoff) - 1)] if backoff else 0.0
         p.due = self.clock() + delay
+        self.due_floor = min(self.due_floor, p.due)
         return True
 
     def in_progress(self, seq: int) -> bool:
@@ -303,6 +319,7 @@ class Consumer:
         now = self.clock()
         for p in self.state.pending.values():
             p.due = now
+        self.due_floor = now
 
     def _done(self, seq: int, pending: bool = True) -> None:
         st = self.state
