@@ -592,3 +592,23 @@ def test_the_cli_manages_queues_publishes_confirmed_and_consumes(node: Restartab
     assert rc == 1 and "no queue named 'jobs'" in err
     rc, _, err = run_cli([*s, "queue", "add", "bad", "--subjects", "x", "--discard", "maybe"])
     assert rc == 1 and "discard: Input should be 'old' or 'new'" in err
+
+
+def test_confirms_of_one_write_come_back_as_one_run(node: Restartable) -> None:
+    d = node.start(ORDERS)
+    raw = RawClient(d.socket)
+    frames = b"".join(wire.encode_pub(b"orders.x", b"%d" % i, pub_id=10 + i) for i in range(50))
+    raw.send(frames + wire.encode_pub(b"free", b"x", pub_id=99))
+    stored = [raw.read_until(wire.FrameType.STORED) for _ in range(2)]
+    runs = sorted(wire.decode_stored(f.body) for f in stored if f is not None)
+    assert runs == [(10, 50, {"orders": 1}), (99, 1, {})]  # 50 publishes: one frame
+
+
+def test_stored_frames_round_trip_and_reject_garbage() -> None:
+    f = wire.Decoder(wire.SERVER_FRAMES, 1 << 20)
+    f.feed(wire.encode_stored(7, 3, {"a": 1, "bé": 9}))
+    (frame,) = f.frames()
+    assert wire.decode_stored(frame.body) == (7, 3, {"a": 1, "bé": 9})
+    for body in (b"\x01\x00", frame.body[:-1], frame.body[:12]):
+        with pytest.raises(hostbus.RemoteProtocolError):
+            wire.decode_stored(body)
