@@ -399,10 +399,10 @@ def hostbus_rtt(addr: dict[str, Any]) -> tuple[Callable[[bytes, float], bytes | 
     return rt, bus.close
 
 
-async def _hostbus_idle(addr: dict[str, Any], n: int, ready: Any, stop: Any) -> None:
+async def _hostbus_idle(addr: dict[str, Any], n: range, ready: Any, stop: Any) -> None:
     from hostbus import aio
     buses = []
-    for i in range(n):
+    for i in n:
         bus = await aio.connect(addr["sock"], name="peers-idle")
         await bus.subscribe(f"bench.idle.{i}")
         buses.append(bus)
@@ -413,7 +413,7 @@ async def _hostbus_idle(addr: dict[str, Any], n: int, ready: Any, stop: Any) -> 
         await bus.close()
 
 
-def hostbus_idle(addr: dict[str, Any], n: int, ready: Any, stop: Any) -> None:
+def hostbus_idle(addr: dict[str, Any], n: range, ready: Any, stop: Any) -> None:
     asyncio.run(_hostbus_idle(addr, n, ready, stop))
 
 
@@ -515,10 +515,10 @@ def redis_rtt(addr: dict[str, Any]) -> tuple[Callable[[bytes, float], bytes | No
     return rt, close
 
 
-def redis_idle(addr: dict[str, Any], n: int, ready: Any, stop: Any) -> None:
+def redis_idle(addr: dict[str, Any], n: range, ready: Any, stop: Any) -> None:
     import redis
     conns = []
-    for i in range(n):
+    for i in n:
         ps = redis.Redis(unix_socket_path=addr["sock"]).pubsub()
         ps.subscribe(f"bench.idle.{i}")
         ps.get_message(timeout=1)  # the confirmation
@@ -634,9 +634,9 @@ def mosquitto_rtt(addr: dict[str, Any]) -> tuple[Callable[[bytes, float], bytes 
     return rt, c.disconnect
 
 
-def mosquitto_idle(addr: dict[str, Any], n: int, ready: Any, stop: Any) -> None:
+def mosquitto_idle(addr: dict[str, Any], n: range, ready: Any, stop: Any) -> None:
     clients = []
-    for i in range(n):
+    for i in n:
         c = _mqtt_client(addr, f"peers-idle{i}")
         _mqtt_subscribe(c, [f"bench.idle.{i}"])
         clients.append(c)
@@ -769,10 +769,10 @@ async def _nats_requester(addr: dict[str, Any], p: dict[str, Any], out: Any) -> 
     await nc.close()
 
 
-async def _nats_idle(addr: dict[str, Any], n: int, ready: Any, stop: Any) -> None:
+async def _nats_idle(addr: dict[str, Any], n: range, ready: Any, stop: Any) -> None:
     import nats
     conns = []
-    for i in range(n):
+    for i in n:
         nc = await nats.connect(addr["url"], name="peers-idle")
         await nc.subscribe(f"bench.idle.{i}")
         await nc.flush()
@@ -784,7 +784,7 @@ async def _nats_idle(addr: dict[str, Any], n: int, ready: Any, stop: Any) -> Non
         await nc.close()
 
 
-def nats_idle(addr: dict[str, Any], n: int, ready: Any, stop: Any) -> None:
+def nats_idle(addr: dict[str, Any], n: range, ready: Any, stop: Any) -> None:
     _uvloop_run(_nats_idle(addr, n, ready, stop))
 
 
@@ -885,12 +885,12 @@ def zmq_rtt(addr: dict[str, Any]) -> tuple[Callable[[bytes, float], bytes | None
     return rt, close
 
 
-def zmq_idle(addr: dict[str, Any], n: int, ready: Any, stop: Any) -> None:
+def zmq_idle(addr: dict[str, Any], n: range, ready: Any, stop: Any) -> None:
     import zmq
     ctx = zmq.Context()
-    ctx.max_sockets = 2048 + n
+    ctx.max_sockets = 2048 + len(n)
     socks = []
-    for i in range(n):
+    for i in n:
         s = ctx.socket(zmq.SUB)
         s.connect(addr["xpub"])
         s.subscribe(f"bench.idle.{i}".encode())
@@ -1170,17 +1170,25 @@ def run_reqrep(server: Server, system: str, p: dict[str, Any]) -> dict[str, Any]
 def run_idle(server: Server, system: str, n: int) -> dict[str, Any]:
     time.sleep(0.5)
     before = server.status_kb("VmRSS") or 0
-    ready, stop = CTX.Event(), CTX.Event()
-    holder = CTX.Process(target=_guard, args=(IDLE[system], None, server.addr, n, ready, stop))
-    holder.start()
+    # paho's loop uses select(), which fails past file descriptor 1023 (3 per client): 250 per process
+    per = 250 if system == "mosquitto" else n
+    stop = CTX.Event()
+    holders = []
+    for first in range(0, n, per):
+        ready = CTX.Event()
+        pr = CTX.Process(target=_guard, args=(IDLE[system], None, server.addr, range(first, min(n, first + per)),
+                                              ready, stop))
+        pr.start()
+        holders.append((pr, ready))
     try:
-        if not ready.wait(300):
-            raise RuntimeError("idle connections not made in 300 s")
+        for _pr, ready in holders:
+            if not ready.wait(300):
+                raise RuntimeError("idle connections not made in 300 s")
         time.sleep(1.0)
         after = server.status_kb("VmRSS") or 0
     finally:
         stop.set()
-        _reap([holder])
+        _reap([pr for pr, _ in holders])
     return {"idle_rss_mib": before / 1024, "rss_with_conns_mib": after / 1024,
             "kb_per_conn": (after - before) / n, "connections": n, "lost": 0}
 
