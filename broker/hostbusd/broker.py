@@ -15,7 +15,7 @@ import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hostbus.errors import ErrorCode, HostbusError
 from hostbusd.config import Config, FifoSinkConfig
@@ -25,7 +25,9 @@ from hostbusd.core.queues import QueueService
 from hostbusd.net.fifo import FifoIngress, FifoSink, OpenedFifo
 from hostbusd.net.ring import RingService
 from hostbusd.net.unix import UnixPeer
-from hostbusd.net.zmq_gateway import ZmqGateway
+
+if TYPE_CHECKING:
+    from hostbusd.net.zmq_gateway import ZmqGateway
 
 #: Seconds between two housekeeping passes (handshake and partial-frame timeouts).
 HOUSEKEEPING_INTERVAL = 0.25
@@ -96,6 +98,8 @@ class Broker:
         self.hub.queues = self.hub.router.queues = self.queues
         self.queues.start()
         if self._zmq_endpoints is not None:
+            from hostbusd.net.zmq_gateway import ZmqGateway  # noqa: PLC0415 - pyzmq only when the gateway is on
+
             self.gateway = ZmqGateway(self.hub, self.config.zmq, *self._zmq_endpoints, self._zmq_mode)
         for sock in self.listeners:
             server = await loop.create_unix_server(lambda: UnixPeer(self.hub, self.peers), sock=sock)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import errno
+import gc
 import json
 import os
 import resource
@@ -25,7 +27,6 @@ from hostbusd.errors import StartupError
 from hostbusd.net.creds import unknown_names
 from hostbusd.net.fifo import DEFAULT_FIFO, OpenedFifo, open_ingress, prepare_fifo
 from hostbusd.net.ring import sweep_stale
-from hostbusd.net.zmq_gateway import check_endpoint
 from hostbusd.ownership import lookup_gid
 
 EXIT_OK = 0
@@ -280,6 +281,8 @@ class Runtime:
         cfg = self.config.zmq
         if not cfg.enabled:
             return
+        from hostbusd.net.zmq_gateway import check_endpoint  # noqa: PLC0415 - pyzmq only when the gateway is on
+
         xsub = cfg.xsub or f"ipc://{self.runtime_dir / 'zmq-publish.ipc'}"
         xpub = cfg.xpub or f"ipc://{self.runtime_dir / 'zmq-subscribe.ipc'}"
         for endpoint in (xsub, xpub):
@@ -449,6 +452,14 @@ class Runtime:
         self.fifo_specs = plan
 
 
+def release_startup_memory() -> None:
+    """Give the C heap that start-up used and freed (reading the configuration, building its
+    models) back to the system: an idle daemon should cost what it holds, not what it once did."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)  # glibc; elsewhere there is nothing to call
+
+
 def status_line(broker: Broker) -> str:
     st = broker.stats()
     m = st["messages"]
@@ -482,6 +493,7 @@ async def serve(rt: Runtime, listeners: list[socket.socket], fifos: list[OpenedF
     if signal.SIGHUP in _early_signals:  # the file may have changed after it was read: read it again
         loop.call_soon(rt.reload, broker, peer_log)
     notifier = rt.notifier
+    release_startup_memory()
     notifier.send(READY=1, STATUS=status_line(broker))
     warn_unknown_names(rt.config, rt.log)
     sweep_stale(rt.log)  # semaphores of an earlier hostbusd that died while a client was attaching
