@@ -193,6 +193,10 @@ class Broker:
             self.remove_fifo(path)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.shutdown.drain_timeout
+        if self.queues is not None:  # what was captured is stored, and its publishers confirmed, first
+            self.queues.commit_now()
+            while self.queues.busy and loop.time() < deadline:
+                await asyncio.sleep(0.005)
         while loop.time() < deadline and any(self._has_output(p) for p in self.peers):
             for peer in list(self.peers):
                 peer.flush()

@@ -381,7 +381,10 @@ class QueueConfig(_Section):
     max_bytes: int = Field(
         1024 * MiB, ge=1024, description="Most bytes kept (records as stored); past it, discard decides.",
     )
-    max_age: float = Field(0, ge=0, description="Seconds a message is kept at most (0: no limit).")
+    max_age: float = Field(
+        0, ge=0, le=100 * 365 * 86400, allow_inf_nan=False,
+        description="Seconds a message is kept at most (0: no limit).",
+    )
     max_msg_size: int = Field(
         1 * MiB, ge=1, le=1024 * MiB,
         description="Largest message (payload) stored; a larger one is refused (its publisher is told).",
@@ -398,7 +401,7 @@ class QueueConfig(_Section):
         None, description="Topic a message goes to after max_deliver deliveries (default: $DLQ.<name>).",
     )
     duplicate_window: float = Field(
-        120.0, ge=0,
+        120.0, ge=0, le=7 * 86400, allow_inf_nan=False,
         description="Seconds during which a second message with the same Hostbus-Msg-Id header is not stored "
         "again (its publisher is confirmed with the first one's seq). 0: no duplicate detection.",
     )
@@ -421,7 +424,18 @@ class QueueConfig(_Section):
             problem = topics.topic_problem(topic)
             if problem is not None:
                 raise ValueError(f"{topic!r} is not a topic: {problem}")
+            if topic.split(".")[0] == "_INBOX":
+                raise ValueError(f"{topic!r}: dead letters cannot go to a reply inbox")
         return topic
+
+    @model_validator(mode="after")
+    def _own_broker_topic(self) -> QueueConfig:
+        own = f"$DLQ.{self.name}"
+        if self.dead_letter and self.dead_letter.startswith("$") and not (
+                self.dead_letter == own or self.dead_letter.startswith(own + ".")):
+            raise ValueError(f"dead_letter {self.dead_letter!r}: a broker topic ('$...') here must be {own!r} or "
+                             f"under it; allowed: that, or a topic the declarer may publish on")
+        return self
 
     @property
     def dead_letter_topic(self) -> str:

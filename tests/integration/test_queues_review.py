@@ -93,9 +93,10 @@ def test_queue_add_with_a_huge_max_age_stops_the_daemon(node: Restartable) -> No
 def test_queue_add_with_a_huge_duplicate_window_stops_the_daemon_at_the_next_publish(node: Restartable) -> None:
     d = node.start()
     with d.connect() as bus:
-        bus.queue_add("q", ["q.>"], duplicate_window=1e300)
-        with contextlib.suppress(hostbus.HostbusError):
-            bus.publish("q.a", b"x", headers={"Hostbus-Msg-Id": "1"}, confirm=True, timeout=3)
+        with pytest.raises(hostbus.BrokerError, match="duplicate_window: Input should be less than or equal"):
+            bus.queue_add("q", ["q.>"], duplicate_window=1e300)
+        bus.queue_add("q", ["q.>"], duplicate_window=7 * 86400)  # the largest window
+        bus.publish("q.a", b"x", headers={"Hostbus-Msg-Id": "1"}, confirm=True, timeout=3)
     assert_alive(d)
 
 
@@ -138,10 +139,14 @@ def test_dead_letter_topic_lets_a_manager_publish_where_it_may_not(start_daemon:
             with hostbus.connect(d.socket) as bus:
                 with pytest.raises(hostbus.PermissionDeniedError):
                     bus.publish("admin.shutdown", b"direct", confirm=True)
-                bus.queue_add("alices", ["jobs.alice.>"], dead_letter="admin.shutdown")
+                with pytest.raises(hostbus.PermissionDeniedError, match=r"with dead letters on 'admin\.shutdown'"):
+                    bus.queue_add("alices", ["jobs.alice.>"], dead_letter="admin.shutdown")
+                with pytest.raises(hostbus.BrokerError, match=r"must be '\$DLQ\.alices' or under it"):
+                    bus.queue_add("alices", ["jobs.alice.>"], dead_letter="$DLQ.someone-else")
+                bus.queue_add("alices", ["jobs.alice.>"], dead_letter="$DLQ.alices.mine")  # her own: fine
                 bus.publish("jobs.alice.x", b"forged command", confirm=True)
                 c = bus.consume("alices", "w", max_deliver=1, ack_wait=0.05)
-                c.next(timeout=5)  # never acknowledged: dead-lettered onto admin.shutdown
+                c.next(timeout=5)  # never acknowledged: dead-lettered onto $DLQ.alices.mine
                 time.sleep(1.0)
 
         assert people.as_alice(alice) == 0

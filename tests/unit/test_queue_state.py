@@ -47,19 +47,19 @@ def test_messages_come_in_order_and_acks_move_the_floor_even_out_of_order() -> N
 
 
 def test_an_unacknowledged_message_comes_again_after_ack_wait_with_backoff() -> None:
+    """backoff[k] delays the (k + 2)-th delivery, on top of ack_wait: the 2nd comes ack_wait +
+    backoff[0] after the 1st, the 3rd ack_wait + backoff[1] after the 2nd, then the last again."""
     log, clock = MemoryLog(), Clock()
     log.append([b"a"])
     c = consumer(log, clock, ack_wait=10.0, backoff=(5.0, 20.0), max_deliver=0)
     assert [d.count for d in c.take(1)] == [1]
-    clock.t += 9.9
-    assert c.take(1) == []
-    clock.t += 0.2
-    second = c.take(1)
-    assert [(d.seq, d.count) for d in second] == [(1, 2)] and c.redelivered == 1
-    clock.t += 10.0 + 5.0 - 0.1  # ack_wait plus the first backoff
-    assert c.take(1) == []
-    clock.t += 0.2
-    assert [d.count for d in c.take(1)] == [3]
+    for count, wait in ((2, 15.0), (3, 30.0), (4, 30.0)):
+        start = clock.t
+        clock.t = start + wait - 0.1
+        assert c.take(1) == [], count
+        clock.t = start + wait
+        assert [(d.seq, d.count) for d in c.take(1)] == [(1, count)]
+    assert c.redelivered == 3
 
 
 def test_max_deliver_sends_the_message_to_the_dead_letters_with_why_and_how_often() -> None:

@@ -247,7 +247,10 @@ class PeerCore:
                     raise HostbusError(f"subscription id {sid} is already in use", code=ErrorCode.DUPLICATE_ID)
                 if self.hub.queues is None:
                     raise HostbusError("topic queues are not available", code=ErrorCode.INVALID_ARGUMENT)
-                self.hub.queues.consume(session, sid, obj)
+                try:
+                    self.hub.queues.consume(session, sid, obj)
+                except (ValueError, OverflowError, TypeError) as exc:  # a value no check foresaw
+                    raise HostbusError(f"consume: {exc}"[:500], code=ErrorCode.INVALID_ARGUMENT) from None
                 session.send(wire.encode_u32(FrameType.OK, sid))
                 return 0
             if sid in session.members:
@@ -336,6 +339,9 @@ class PeerCore:
             except HostbusError as exc:
                 session.send(wire.encode_err(exc.code or ErrorCode.INVALID_ARGUMENT, call_id, str(exc), False))
                 return
+            except (ValueError, OverflowError, TypeError) as exc:  # a value no check foresaw: the caller's
+                session.send(wire.encode_err(ErrorCode.INVALID_ARGUMENT, call_id, f"{op}: {exc}"[:500], False))
+                return
         elif op == "whoami":
             result = self.hub.welcome(session, f"_INBOX.{session.inbox_token}")
             topic = req.get("topic")
@@ -369,6 +375,14 @@ class PeerCore:
                                      f"{str(e['msg']).removeprefix('Value error, ')}" for e in exc.errors())
                 raise HostbusError(f"queue_add: {problems}", code=ErrorCode.INVALID_ARGUMENT) from None
             queues.check_manage(session, spec.subjects, f"declare queue {spec.name!r}")
+            if spec.dead_letter is not None and session.access is not None:
+                # Dead letters are published there under their senders' names: it takes the
+                # declarer's right to publish there.
+                decision = session.access.publish(spec.dead_letter)
+                if not decision.allowed and not topics.is_reserved(spec.dead_letter):
+                    raise PermissionDeniedError(f"may not declare queue {spec.name!r} with dead letters on "
+                                                f"{topics.show(spec.dead_letter)}: {decision.rule}",
+                                                code=ErrorCode.PERMISSION_DENIED)
             existing = queues.queues.get(spec.name)
             if existing is not None:  # changing one takes the right to manage its subjects too
                 queues.check_manage(session, existing.spec.subjects, f"change queue {spec.name!r}")

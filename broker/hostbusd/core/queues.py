@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import struct
@@ -67,13 +68,15 @@ from hostbusd.store.queue import (
     load_state,
     save_state,
 )
-from hostbusd.store.segments import SegmentLog, StorageError
+from hostbusd.store.segments import SegmentLog, StorageError, SyncError
 
 RECORD = struct.Struct("<BIIIB")  # version, uid, gid, pid, origin length
 RECORD_VERSION = 1
 MSG_ID_HEADER = "Hostbus-Msg-Id"
 #: Distinct stored senders whose Identity (and SENDER ref) is remembered for deliveries.
 _SENDER_CACHE = 4096
+#: Messages handed to each ready member of a consumer at a time (see QueueService._pump).
+PUMP_CHUNK = 8
 #: Most message ids one queue remembers for its duplicate window.
 MAX_DUPLICATE_IDS = 100_000
 _QMSG_OVERHEAD = wire.frames.QMSG_HEAD.size
@@ -241,8 +244,10 @@ class TopicQueue:
         self.stored = 0
         self.refused: dict[str, int] = {}
         self.duplicates = 0
-        self.dedup: dict[str, int] = {}  # message id -> seq
+        self.dedup: dict[str, tuple[int, int]] = {}  # message id -> (seq, time_ns) of a stored message
+        self.dedup_buffer: dict[str, int] = {}  # message id -> index in ``buffer`` (this loop iteration)
         self.dedup_order: deque[tuple[int, str]] = deque()  # (time_ns, id), oldest first
+        self.dup_waiting: list[tuple[int, Confirm]] = []  # duplicates of a record not yet durable
         self.deleted = False
 
     @property
@@ -541,10 +546,13 @@ class QueueService:
                 q.duplicates += 1
                 if confirm is not None:
                     confirm.remaining += 1
-                    if dup > 0:
+                    if dup < 0:  # the first is in this very batch: answered with it
+                        q.buffer_confirms.append((-dup - 1, confirm, None))
+                    elif dup <= q.visible:
                         confirm.stored(q.name, dup)
-                    else:  # the first is in this very batch: answered with it
-                        q.buffer_confirms.append((-dup, confirm, None))
+                    else:  # stored, not yet durable: answered when it is
+                        confirm.seqs[q.name] = dup
+                        q.dup_waiting.append((dup, confirm))
                 continue
             if not record:
                 record = encode_record(ident, block)
@@ -573,31 +581,42 @@ class QueueService:
         return None
 
     def _duplicate(self, q: TopicQueue, block: bytes) -> int | None:
-        """The seq of an earlier message with this block's message id (negative: the index of
-        one still in the buffer), or None; a new id is remembered."""
+        """The seq of an earlier message with this block's message id (``-(index + 1)`` for
+        one still in this iteration's buffer), or None; a new id is remembered."""
         view = wire.split_block(block)
         if view.headers_end == view.headers_start:
             return None
         msg_id = wire.decode_headers(block[view.headers_start:view.headers_end]).get(MSG_ID_HEADER)
         if not msg_id:
             return None
+        index = q.dedup_buffer.get(msg_id)
+        if index is not None:
+            return -index - 1
         self._expire_dedup(q)
-        seq = q.dedup.get(msg_id)
-        if seq is not None:
-            return seq
-        if len(q.dedup) >= MAX_DUPLICATE_IDS:
-            _, old = q.dedup_order.popleft()
-            q.dedup.pop(old, None)
-        q.dedup[msg_id] = -len(q.buffer)  # known by its buffer index until stored
-        q.dedup_order.append((time.time_ns(), msg_id))
+        stored = q.dedup.get(msg_id)
+        if stored is not None:
+            return stored[0]
+        q.dedup_buffer[msg_id] = len(q.buffer)  # the record about to be buffered
         return None
+
+    def _remember(self, q: TopicQueue, msg_id: str, seq: int, t: int) -> None:
+        if len(q.dedup) >= MAX_DUPLICATE_IDS:
+            self._forget_oldest(q)
+        q.dedup[msg_id] = (seq, t)
+        q.dedup_order.append((t, msg_id))
+
+    @staticmethod
+    def _forget_oldest(q: TopicQueue) -> None:
+        t, old = q.dedup_order.popleft()
+        entry = q.dedup.get(old)
+        if entry is not None and entry[1] == t:  # not an id remembered again since
+            del q.dedup[old]
 
     def _expire_dedup(self, q: TopicQueue) -> None:
         horizon = time.time_ns() - int(q.spec.duplicate_window * 1e9)
         order = q.dedup_order
         while order and order[0][0] < horizon:
-            _, old = order.popleft()
-            q.dedup.pop(old, None)
+            self._forget_oldest(q)
 
     def _rebuild_dedup(self, q: TopicQueue) -> None:
         """After a restart: the ids of the messages stored within the window."""
@@ -610,8 +629,7 @@ class QueueService:
             if view.headers_end > view.headers_start:
                 msg_id = wire.decode_headers(block[view.headers_start:view.headers_end]).get(MSG_ID_HEADER)
                 if msg_id:
-                    q.dedup[msg_id] = seq
-                    q.dedup_order.append((t, msg_id))
+                    self._remember(q, msg_id, seq, t)
 
     def _commit(self) -> None:
         self._commit_scheduled = False
@@ -620,12 +638,15 @@ class QueueService:
                 self._commit_queue(q)
 
     def _commit_queue(self, q: TopicQueue) -> None:
-        records, entries = q.buffer, q.buffer_confirms
-        q.buffer, q.buffer_confirms, q.buffer_bytes = [], [], 0
+        records, entries, ids = q.buffer, q.buffer_confirms, q.dedup_buffer
+        q.buffer, q.buffer_confirms, q.buffer_bytes, q.dedup_buffer = [], [], 0, {}
         if not records and not entries:
             return
         try:
             seqs = q.log.append(records) if records else []
+        except SyncError as exc:  # the log cannot be trusted any more
+            self._broken(q, str(exc), [c for _, c, _ in entries if c is not None])
+            return
         except StorageError as exc:
             message = f"queue {q.name!r} could not store the message: {exc}"
             q.refused["storage"] = q.refused.get("storage", 0) + len(records)
@@ -637,14 +658,12 @@ class QueueService:
                 elif origin is not None and id(origin) not in told:
                     told.add(id(origin))
                     origin.send(wire.encode_err(ErrorCode.STORAGE, 0, message, fatal=False))
-            for msg_id, seq in list(q.dedup.items()):
-                if seq <= 0:
-                    del q.dedup[msg_id]
             return
         q.stored += len(seqs)
-        for msg_id, seq in list(q.dedup.items()):
-            if seq <= 0 and -seq < len(seqs):
-                q.dedup[msg_id] = seqs[-seq]
+        if ids:
+            now = time.time_ns()
+            for msg_id, index in ids.items():
+                self._remember(q, msg_id, seqs[index], now)
         confirms: list[Confirm] = []
         for index, confirm, _ in entries:
             if confirm is not None:
@@ -663,6 +682,11 @@ class QueueService:
         q.visible = max(q.visible, upto)
         for confirm in confirms:
             confirm.stored(q.name, confirm.seqs[q.name])
+        if q.dup_waiting:
+            ready = [c for seq, c in q.dup_waiting if seq <= q.visible]
+            q.dup_waiting = [(seq, c) for seq, c in q.dup_waiting if seq > q.visible]
+            for confirm in ready:
+                confirm.stored(q.name, confirm.seqs[q.name])
         for c in q.consumers.values():
             if c.members:
                 self._mark(c)
@@ -702,6 +726,8 @@ class QueueService:
             q.syncing = False
             if exc is not None:
                 self._broken(q, f"fsync failed: {exc}", [])
+            elif q.awaiting:  # became durability = always (a reload) while this fsync ran
+                self._sync(q)
             elif q.log.dirty and q.sync_timer is None and not q.deleted:  # type: ignore[attr-defined]
                 q.sync_timer = self.loop.call_later(q.spec.sync_interval_ms / 1000, self._interval_sync, q)
 
@@ -710,12 +736,10 @@ class QueueService:
     def _broken(self, q: TopicQueue, why: str, confirms: list[Confirm]) -> None:
         q.broken = why
         self._event("error", "queue_broken", queue=q.name, error=why)
-        for confirm in confirms:
+        waiting = [*confirms, *(c for _, cs in q.awaiting for c in cs), *(c for _, c in q.dup_waiting)]
+        q.awaiting, q.dup_waiting = [], []
+        for confirm in waiting:
             confirm.failed(ErrorCode.STORAGE, f"queue {q.name!r} could not store the message: {why}")
-        for _, cs in q.awaiting:
-            for confirm in cs:
-                confirm.failed(ErrorCode.STORAGE, f"queue {q.name!r} could not store the message: {why}")
-        q.awaiting = []
 
     def _retain(self, q: TopicQueue) -> None:
         """Apply the queue's limits (discard old; age) and, under retention = acked, remove what
@@ -731,6 +755,8 @@ class QueueService:
                 q.log.trim(max_msgs=spec.max_msgs, max_bytes=spec.max_bytes, max_age_ns=age, below_seq=below)
             else:
                 q.log.trim(max_age_ns=age, below_seq=below)
+        except SyncError as exc:
+            self._broken(q, str(exc), [])
         except (OSError, StorageError) as exc:  # the records stay readers' until the next pass
             self._event("error", "queue_retention_failed", queue=q.name, error=str(exc))
         if q.log.first_seq != before:
@@ -741,14 +767,21 @@ class QueueService:
     def _dead_letter(self, q: TopicQueue, seq: int, payload: bytes, count: int, reason: str) -> None:
         uid, gid, pid, origin, block = decode_record(payload)
         view = wire.split_block(block)
+        why = {"Hostbus-Dead-Reason": reason, "Hostbus-Deliveries": str(count), "Hostbus-Queue": q.name,
+               "Hostbus-Seq": str(seq), "Hostbus-Topic": view.topic}
         headers = wire.decode_headers(block[view.headers_start:view.headers_end]) if view.headers_end > \
             view.headers_start else {}
-        headers.update({"Hostbus-Dead-Reason": reason, "Hostbus-Deliveries": str(count),
-                        "Hostbus-Queue": q.name, "Hostbus-Seq": str(seq), "Hostbus-Topic": view.topic})
+        try:
+            encoded = wire.encode_headers({**headers, **why})
+        except HostbusError:  # the original headers leave no room for ours: ours win, theirs are dropped
+            encoded = wire.encode_headers({**why, "Hostbus-Dead-Truncated": "headers"})
         topic = q.spec.dead_letter_topic
-        new = wire.message_block(topic.encode(), block[view.headers_end:], wire.encode_headers(headers))
-        self.hub.router.publish(self._sender(uid, gid, pid, origin), topic, new, 0, "",
-                                len(block) - view.headers_end)
+        new = wire.message_block(topic.encode(), block[view.headers_end:], encoded)
+        try:
+            self.hub.router.publish(self._sender(uid, gid, pid, origin), topic, new, 0, "",
+                                    len(block) - view.headers_end)
+        except HostbusError as exc:  # the message counts as done for the consumer all the same
+            self._event("error", "dead_letter_failed", queue=q.name, seq=seq, error=str(exc))
 
     def _sender(self, uid: int, gid: int, pid: int, origin: str) -> Identity:
         key = (uid, gid, pid, origin)
@@ -836,9 +869,9 @@ class QueueService:
         access = session.access
         if access is None:
             return True
-        return any(access.subscribe(p)[0] != "deny"
-                   or access.policy.decide_pattern(access.names, "manage", p)[0] != "deny"
-                   for p in q.spec.subjects)
+        subjects = q.spec.subjects  # what it may consume, or manage: the same test as doing it
+        return (all(access.subscribe(p)[0] == "allow" for p in subjects)
+                or all(access.policy.decide_pattern(access.names, "manage", p)[0] == "allow" for p in subjects))
 
     @staticmethod
     def _start_seq(q: TopicQueue, start: object) -> int:
@@ -851,8 +884,10 @@ class QueueService:
             return max(log.first_seq, log.last_seq)
         if isinstance(start, int) and not isinstance(start, bool) and start >= 1:
             return max(start, log.first_seq)
-        if isinstance(start, dict) and isinstance(start.get("time"), (int, float)):
-            return log.seq_at_time(int(start["time"] * 1e9))
+        when = start.get("time") if isinstance(start, dict) else None
+        if isinstance(when, (int, float)) and not isinstance(when, bool) and math.isfinite(when) and \
+                0 <= when < 1e11:  # Unix seconds, up to the year 5138
+            return log.seq_at_time(int(when * 1e9))
         raise HostbusError("consume: 'start' must be 'all', 'new', 'last', a sequence number (>= 1) or "
                            "{\"time\": unix seconds}", code=ErrorCode.INVALID_ARGUMENT)
 
@@ -936,29 +971,42 @@ class QueueService:
                 self._mark(c)  # more to hand out: next iteration, after other peers had their turn
 
     def _pump(self, c: QueueConsumer) -> bool:
-        """Hand out up to one batch; True if there may be more to hand out now."""
-        ready = [m for m in c.members if m.ready]
-        if not ready:
-            return False
+        """Hand out what the consumer may, in small chunks to the members that can take more;
+        True if there may be more to hand out (after other peers had their turn).
+
+        A chunk is at most PUMP_CHUNK messages per ready member, and a turn at most
+        ``store.deliver_batch`` messages and four write batches of bytes, so a member whose
+        connection fills up (pauses) is given little more than its transport holds."""
         q = c.queue
         if q.deleted:
             return False
-        batch = self.config.store.deliver_batch
-        try:
-            got = c.core.take(batch, upto=q.visible)
-        except (OSError, StorageError) as exc:  # the file changed under us, or the disk fails
-            if q.broken is None:
-                self._broken(q, f"cannot read: {exc}", [])
-            return False
-        if not got:
-            return False
-        n = len(ready)
-        for i, d in enumerate(got):
-            m = ready[(c.turn + i) % n]
-            self._deliver(m, d)
-        c.turn = (c.turn + len(got)) % n
-        q.state_dirty = True
-        return len(got) >= batch
+        cfg = self.config
+        limit = cfg.store.deliver_batch
+        byte_budget = 4 * cfg.limits.write_batch_bytes
+        handed = nbytes = 0
+        while handed < limit and nbytes < byte_budget:
+            ready = [m for m in c.members if m.ready]
+            if not ready:
+                return False
+            try:
+                got = c.core.take(min(limit - handed, PUMP_CHUNK * len(ready)), upto=q.visible)
+            except (OSError, StorageError) as exc:  # the file changed under us, or the disk fails
+                if q.broken is None:
+                    self._broken(q, f"cannot read: {exc}", [])
+                return False
+            for seq in c.core.finished:  # dead-lettered or removed: no member holds them any more
+                self._release(c, seq)
+            c.core.finished.clear()
+            if not got:
+                return c.core.more
+            q.state_dirty = True
+            n = len(ready)
+            for i, d in enumerate(got):
+                self._deliver(ready[(c.turn + i) % n], d)
+                nbytes += len(d.payload)
+            c.turn = (c.turn + len(got)) % n
+            handed += len(got)
+        return True
 
     def _deliver(self, m: Member, d: Delivery) -> None:
         c = m.consumer
@@ -1006,6 +1054,16 @@ class QueueService:
             q.state_dirty = True
             self._event("error", "queue_state_not_saved", queue=q.name, error=exc.strerror)
 
+    def commit_now(self) -> None:
+        """Store what was captured so far (at shutdown, before the connections are closed, so
+        the publishers still get their confirms)."""
+        self._commit()
+
+    @property
+    def busy(self) -> bool:
+        """Records are captured but not stored, or stored and waiting for an fsync."""
+        return any(q.buffer or q.awaiting or q.syncing for q in self.queues.values())
+
     def stop(self) -> None:
         """Store what was captured, make it durable, save every consumer's position, close."""
         if self.stopped:
@@ -1014,7 +1072,7 @@ class QueueService:
         for q in list(self.queues.values()):
             try:
                 self._commit_queue(q)
-                if q.file:
+                if q.file and q.broken is None:
                     q.log.sync()  # type: ignore[attr-defined]
                     for _, confirms in q.awaiting:
                         self._durable(q, q.log.last_seq, confirms)
@@ -1024,7 +1082,10 @@ class QueueService:
             if q.sync_timer is not None:
                 q.sync_timer.cancel()
             self._save(q)
-            q.log.close()
+            try:
+                q.log.close()
+            except (OSError, StorageError) as exc:  # the others are still closed and saved
+                self._event("error", "queue_not_closed", queue=q.name, error=str(exc))
 
     def stats(self, viewer: Session | None = None) -> dict[str, Any]:
         return {name: q.describe() for name, q in sorted(self.queues.items())

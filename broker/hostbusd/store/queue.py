@@ -52,6 +52,8 @@ class Log(Protocol):
 
     def drop_below(self, seq: int) -> int: ...
 
+    def next_held(self, seq: int) -> int: ...
+
     def sync_handle(self) -> int: ...
 
     def close(self) -> None: ...
@@ -136,11 +138,18 @@ class MemoryLog:
             n += 1
         return n
 
+    def next_held(self, seq: int) -> int:
+        return min(max(seq, self._first), self._next)
+
     def sync_handle(self) -> int:
         return -1  # nothing to make durable
 
     def close(self) -> None:
         pass
+
+
+#: Records a consumer's filter may pass over in one take() (then it says ``more``).
+SCAN_LIMIT = 4096
 
 
 @dataclass
@@ -201,6 +210,8 @@ class Consumer:
         self.accept = accept  # a filter: records it refuses are passed over (done for this consumer)
         self.redelivered = 0
         self.dead_lettered = 0
+        self.more = False  # take() stopped at SCAN_LIMIT: call it again
+        self.finished: list[int] = []  # pending seqs take() ended without a delivery (for the caller's books)
         # No pending delivery is due before this (a lower bound: acknowledgements only raise the
         # true minimum). Lets take() skip the scan of the pending set until something is due.
         self.due_floor = min((p.due for p in state.pending.values()), default=float("inf"))
@@ -237,9 +248,11 @@ class Consumer:
             stored = self._payload(seq)
             if stored is None:  # removed by retention meanwhile
                 self._done(seq)
+                self.finished.append(seq)
                 continue
             if self.options.max_deliver and p.count >= self.options.max_deliver:
                 self._done(seq)
+                self.finished.append(seq)
                 self.dead_lettered += 1
                 self.dead_letter(seq, stored[1], p.count, "max_deliver")
                 continue
@@ -251,17 +264,24 @@ class Consumer:
         room = min(n - len(out), self.options.max_inflight - len(st.pending))  # pending: all outstanding
         stop = None if upto is None else upto + 1
         accept = self.accept
+        scan = SCAN_LIMIT  # records a filter may pass over in one call: the loop serves others meanwhile
+        self.more = False
         while room > 0:
             start = max(st.next_seq, self.log.first_seq)
             got = 0
-            for seq, t, payload in self.log.read(start, room, stop):
+            if scan <= 0:
+                self.more = True
+                break
+            for seq, t, payload in self.log.read(start, min(room, scan) if accept is not None else room, stop):
                 got += 1
+                scan -= 1
                 st.next_seq = seq + 1
                 if accept is not None and not accept(payload):
                     self._done(seq, pending=False)
                     continue
-                st.pending[seq] = Pending(1, now + self.options.ack_wait)
-                self.due_floor = min(self.due_floor, now + self.options.ack_wait)
+                deadline = now + self._wait(1)
+                st.pending[seq] = Pending(1, deadline)
+                self.due_floor = min(self.due_floor, deadline)
                 out.append(Delivery(seq, 1, t, payload))
                 room -= 1
             if not got or accept is None:
@@ -270,9 +290,12 @@ class Consumer:
         return out
 
     def _wait(self, count: int) -> float:
+        """How long after its ``count``-th delivery a message comes again unless answered:
+        ``ack_wait``, plus the backoff of the next delivery (``backoff[count - 1]``, the last
+        one repeated)."""
         backoff = self.options.backoff
-        if backoff and count >= 2:
-            return backoff[min(count - 2, len(backoff) - 1)] + self.options.ack_wait
+        if backoff:
+            return self.options.ack_wait + backoff[min(count - 1, len(backoff) - 1)]
         return self.options.ack_wait
 
     def _payload(self, seq: int) -> tuple[int, bytes] | None:
@@ -326,16 +349,25 @@ class Consumer:
         if pending:
             st.pending.pop(seq, None)
         st.done_above_floor.add(seq)
-        while st.ack_floor + 1 in st.done_above_floor:  # the floor advances over what is done
-            st.ack_floor += 1
-            st.done_above_floor.discard(st.ack_floor)
-        if st.ack_floor + 1 < st.next_seq and st.ack_floor + 1 not in st.pending:
-            # Messages between the floor and next that are neither pending nor done were removed
-            # by retention: nothing to wait for.
-            first = self.log.first_seq
-            if st.ack_floor + 1 < first:
-                st.ack_floor = first - 1
-                st.done_above_floor = {s for s in st.done_above_floor if s > st.ack_floor}
+        self._advance_floor()
+
+    def _advance_floor(self) -> None:
+        """Move the ack floor over what is done, and over what the log no longer holds (removed
+        by retention, lost in a gap a recovery left): nothing to wait for there."""
+        st = self.state
+        while True:
+            nxt = st.ack_floor + 1
+            if nxt in st.done_above_floor:
+                st.ack_floor = nxt
+                st.done_above_floor.discard(nxt)
+                continue
+            if nxt < st.next_seq and nxt not in st.pending:
+                held = self.log.next_held(nxt)
+                if held > nxt:
+                    st.ack_floor = min(held, st.next_seq) - 1
+                    st.done_above_floor = {s for s in st.done_above_floor if s > st.ack_floor}
+                    continue
+            return
 
 
 def save_state(path: Path, states: list[ConsumerState]) -> None:

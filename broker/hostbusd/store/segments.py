@@ -56,6 +56,11 @@ class StorageError(Exception):
     says which file and why. What was stored before stays stored."""
 
 
+class SyncError(StorageError):
+    """An fsync failed: what the kernel still holds of the file is unknown until a restart's
+    recovery reads it (the caller stops trusting the log)."""
+
+
 @dataclass
 class Segment:
     path: Path
@@ -205,25 +210,35 @@ class SegmentLog:
 
     def append(self, payloads: list[bytes], now_ns: int | None = None) -> list[int]:
         """Append records; their sequence numbers. One write per segment touched; durable only
-        after :meth:`sync`. Raises StorageError (nothing of the failed write is kept)."""
+        after :meth:`sync`. Raises StorageError, and then nothing of the batch is kept: a part
+        written before a segment rollover that failed is taken back too."""
         t = time.time_ns() if now_ns is None else now_ns
+        for payload in payloads:
+            if len(payload) + META.size > MAX_RECORD:
+                raise StorageError(f"a record of {len(payload)} bytes is larger than the log accepts")
+        first = self.segments[-1]
+        mark = (len(self.segments), first.size, first.last, first.first_time, first.last_time)
+        try:
+            return self._append(payloads, t)
+        except (OSError, StorageError) as exc:
+            self._take_back(mark)
+            if isinstance(exc, StorageError):
+                raise
+            raise StorageError(f"cannot append in {self.dir}: {exc.strerror or exc}") from None
+
+    def _append(self, payloads: list[bytes], t: int) -> list[int]:
         seqs = []
         buf = bytearray()
         seg = self.segments[-1]
         seq = seg.last
         starts: list[int] = []
         for payload in payloads:
-            if len(payload) + META.size > MAX_RECORD:
-                raise StorageError(f"a record of {len(payload)} bytes is larger than the log accepts")
             if seg.size + len(buf) >= self.max_segment_bytes and (buf or seg.size):
                 if buf:
                     self._write(seg, buf, starts, t)
                     buf = bytearray()
                     starts = []
-                try:
-                    seg = self._new_segment(seq + 1)
-                except OSError as exc:
-                    raise StorageError(f"cannot begin a segment in {self.dir}: {exc.strerror or exc}") from None
+                seg = self._new_segment(seq + 1)
             seq += 1
             meta = META.pack(seq, t)
             starts.append(len(buf))
@@ -234,6 +249,27 @@ class SegmentLog:
         if buf:
             self._write(seg, buf, starts, t)
         return seqs
+
+    def _take_back(self, mark: tuple[int, int, int, int, int]) -> None:
+        """Undo a failed append: segments it began are removed, the one it began in is cut back."""
+        count, size, last, first_time, last_time = mark
+        while len(self.segments) > count:
+            seg = self.segments.pop()
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+            with contextlib.suppress(OSError):
+                os.unlink(seg.path)
+        seg = self.segments[-1]
+        if self._fd < 0:
+            with contextlib.suppress(OSError):
+                self._fd = os.open(seg.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        if seg.size != size:
+            with contextlib.suppress(OSError):
+                os.truncate(seg.path, size)
+            del seg.offsets[last - seg.first + 1:]
+            del seg.times[last - seg.first + 1:]
+            seg.size, seg.last, seg.first_time, seg.last_time = size, last, first_time, last_time
 
     def _write(self, seg: Segment, buf: bytearray, starts: list[int], t: int) -> None:
         try:
@@ -257,15 +293,29 @@ class SegmentLog:
         self._dirty = True
 
     def _new_segment(self, first: int) -> Segment:
-        if self._fd >= 0:
-            self.sync()
-            os.close(self._fd)
-            self._fd = -1
+        """Begin the segment whose first seq is ``first``; the one before is synced and closed
+        only once the new file exists, so a failure leaves the log appending where it was."""
         path = self.dir / _name(first)
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StorageError(f"cannot begin a segment in {self.dir}: {exc.strerror or exc}") from None
+        if self._fd >= 0:
+            try:
+                self.sync()
+            except StorageError:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                raise
+            os.close(self._fd)
+        self._fd = fd
         seg = Segment(path, first, first - 1, 0)
         self.segments.append(seg)
-        self._sync_dir()
+        try:
+            self._sync_dir()
+        except OSError as exc:
+            raise StorageError(f"cannot sync {self.dir}: {exc.strerror or exc}") from None
         return seg
 
     def sync(self) -> None:
@@ -274,7 +324,7 @@ class SegmentLog:
             try:
                 os.fdatasync(self._fd)
             except OSError as exc:
-                raise StorageError(f"cannot sync {self.segments[-1].path}: {exc.strerror}") from None
+                raise SyncError(f"cannot sync {self.segments[-1].path}: {exc.strerror}") from None
             self._dirty = False
 
     def sync_handle(self) -> int:
@@ -390,27 +440,40 @@ class SegmentLog:
 
     def drop_below(self, seq: int) -> int:
         """Records below ``seq`` are gone (retention, acknowledgement, purge); returns how many
-        were removed. Segments wholly below are deleted; a purge of everything starts a new one."""
+        were removed. Segments wholly below are deleted; a purge of everything starts a new one
+        (first, so a failure changes nothing)."""
         seq = min(seq, self.last_seq + 1)
         if seq <= self.floor:
             return 0
+        last = self.segments[-1]
+        if last.last < seq and last.last >= last.first:  # everything goes: appends go on in a new segment
+            self._new_segment(seq)
         removed = seq - self.floor
         self.floor = seq
         deleted = False
-        while self.segments and self.segments[0].last < seq:
-            seg = self.segments[0]
-            if len(self.segments) == 1:
-                if seg.last < seg.first:
-                    break  # already empty
-                self._new_segment(seq)
-            self.segments.pop(0)
+        while len(self.segments) > 1 and self.segments[0].last < seq:
+            seg = self.segments.pop(0)
             if seg.fd >= 0:
                 os.close(seg.fd)
-            os.unlink(seg.path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(seg.path)
             deleted = True
         if deleted:
-            self._sync_dir()
+            with contextlib.suppress(OSError):  # the files are gone either way; a crash may bring some back
+                self._sync_dir()
         return removed
+
+    def holds(self, seq: int) -> bool:
+        """Is ``seq`` a record readers can get (not below the floor, not lost in a gap)?"""
+        return self.next_held(seq) == seq
+
+    def next_held(self, seq: int) -> int:
+        """The first seq at or after ``seq`` that readers can get (last_seq + 1 if none)."""
+        seq = max(seq, self.floor)
+        for seg in self.segments[self._segment_of(seq):]:
+            if seg.last >= max(seq, seg.first):
+                return max(seq, seg.first)
+        return self.last_seq + 1
 
     def close(self) -> None:
         if self._fd >= 0:
