@@ -81,6 +81,7 @@ PUMP_CHUNK = 8
 MAX_DUPLICATE_IDS = 100_000
 _QMSG_OVERHEAD = wire.frames.QMSG_HEAD.size
 _U32 = wire.frames.U32
+_U32_AT = wire.frames.U32.unpack_from  # at offset 4 of a message block: the length of its headers
 
 # Consumer options a client may give, and their checks: (type, lowest value).
 _NUMBER_OPTIONS = {"ack_wait": (0.001, 86400.0 * 365), "max_deliver": (0, 1 << 31), "max_inflight": (1, 1 << 20)}
@@ -176,16 +177,24 @@ def send_confirms(session: Session, confirms: list[Confirm]) -> None:
     of consecutive publish ids that got consecutive seqs in the same queues."""
     run: Confirm | None = None
     count = 0
+    first_id = 0
+    one: tuple[str, int] | None = None  # the run's (queue, first seq) when it names one queue
     for c in confirms:
-        if run is not None and c.pub_id == run.pub_id + count and c.seqs.keys() == run.seqs.keys() and all(
-                seq == run.seqs[name] + count for name, seq in c.seqs.items()):
-            count += 1
-            continue
+        if run is not None and c.pub_id == first_id + count:
+            seqs = c.seqs
+            if one is not None:
+                if len(seqs) == 1 and seqs.get(one[0]) == one[1] + count:
+                    count += 1
+                    continue
+            elif seqs.keys() == run.seqs.keys() and all(seq == run.seqs[n] + count for n, seq in seqs.items()):
+                count += 1
+                continue
         if run is not None:
-            session.send(wire.encode_stored(run.pub_id, count, run.seqs))
-        run, count = c, 1
+            session.send(wire.encode_stored(first_id, count, run.seqs))
+        run, count, first_id = c, 1, c.pub_id
+        one = next(iter(c.seqs.items())) if len(c.seqs) == 1 else None
     if run is not None:
-        session.send(wire.encode_stored(run.pub_id, count, run.seqs))
+        session.send(wire.encode_stored(first_id, count, run.seqs))
 
 
 class Member:
@@ -526,13 +535,40 @@ class QueueService:
             self._match_cache[topic] = got
         return got
 
+    def capture_plain(self, topic: str, session: Session, block: bytes, pub_id: int) -> bool:
+        """A confirmed publish without headers that every capturing queue takes as it is (no
+        limit to check before the write, not broken): buffered with its Confirm; False (and
+        nothing done) otherwise. The general path is :meth:`capture`."""
+        capturing = self.capturing(topic)
+        if not capturing:
+            return False
+        for q in capturing:
+            spec = q.spec
+            if q.broken is not None or spec.discard != "old" or len(block) > spec.max_msg_size:
+                return False
+        confirm = Confirm(session, pub_id, self.confirm_ready)
+        confirm.remaining = len(capturing)
+        session.confirms += 1
+        record = encode_record(session.ident, block)
+        for q in capturing:
+            q.buffer_confirms.append((len(q.buffer), confirm, session))
+            q.buffer.append(record)
+            q.buffer_bytes += len(record)
+        if not self._commit_scheduled:
+            self._commit_scheduled = True
+            self.loop.call_soon(self._commit)
+        return True
+
     def capture(self, queues: tuple[TopicQueue, ...], ident: Identity, block: bytes, payload_len: int,
                 origin: Session | None, confirm: Confirm | None) -> None:
         """Buffer a routed message for each queue that captures it (stored at the end of this
         loop iteration). ``confirm`` collects the answer to a confirmed publish."""
         record = b""
+        buffered = False
         for q in queues:
-            refused = self._refuse(q, block, payload_len)
+            spec = q.spec
+            refused = None if (q.broken is None and payload_len <= spec.max_msg_size and spec.discard == "old") \
+                else self._refuse(q, block, payload_len)
             if refused is not None:
                 code, kind, message = refused
                 q.refused[kind] = q.refused.get(kind, 0) + 1
@@ -542,7 +578,7 @@ class QueueService:
                 elif origin is not None:
                     origin.send(wire.encode_err(code, 0, message, fatal=False))
                 continue
-            if q.spec.duplicate_window and (dup := self._duplicate(q, block)) is not None:
+            if spec.duplicate_window and _U32_AT(block, 4)[0] and (dup := self._duplicate(q, block)) is not None:
                 q.duplicates += 1
                 if confirm is not None:
                     confirm.remaining += 1
@@ -561,7 +597,8 @@ class QueueService:
             q.buffer_confirms.append((len(q.buffer), confirm, origin))
             q.buffer.append(record)
             q.buffer_bytes += len(record)
-        if not self._commit_scheduled and any(q.buffer for q in queues):
+            buffered = True
+        if buffered and not self._commit_scheduled:
             self._commit_scheduled = True
             self.loop.call_soon(self._commit)
 
@@ -680,8 +717,10 @@ class QueueService:
 
     def _durable(self, q: TopicQueue, upto: int, confirms: list[Confirm]) -> None:
         q.visible = max(q.visible, upto)
-        for confirm in confirms:
-            confirm.stored(q.name, confirm.seqs[q.name])
+        for confirm in confirms:  # their seqs are set: one answer less to wait for (Confirm.stored)
+            confirm.remaining -= 1
+            if confirm.remaining == 0:
+                confirm.send()
         if q.dup_waiting:
             ready = [c for seq, c in q.dup_waiting if seq <= q.visible]
             q.dup_waiting = [(seq, c) for seq, c in q.dup_waiting if seq > q.visible]

@@ -273,6 +273,24 @@ class Router:
             wire.decode_headers(memoryview(body)[h0:h1])
         return topic, reply, h1
 
+    def known_topic(self, raw: bytes) -> str | None:
+        """The topic whose UTF-8 form is ``raw`` if it was checked already (else None)."""
+        return self._valid_topics.get(raw)
+
+    def count(self, topic: str, nbytes: int) -> None:
+        """Count a message routed on ``topic`` without :meth:`publish` (a fast path that
+        found no subscriber: see PeerCore._cpub_fast)."""
+        stats = self.stats
+        stats.msgs_in += 1
+        stats.bytes_in += nbytes
+        counts = stats.topics
+        if topic in counts:
+            counts[topic] += 1
+        elif len(counts) < self.stats_max_topics:
+            counts[topic] = 1
+        else:
+            stats.topics_other += 1
+
     def topic_from_wire(self, raw: bytes) -> str:
         """The topic whose UTF-8 form is ``raw``, checked with :meth:`check_topic` (cached)."""
         topic = self._valid_topics.get(raw)
