@@ -237,6 +237,7 @@ class QueueConsumer:
 
 class TopicQueue:
     def __init__(self, spec: QueueConfig, log: Log, directory: Path | None) -> None:
+        self.plain_limit = -1  # largest block capture_plain may take for it (-1: none; set with spec)
         self.spec = spec
         self.log = log
         self.dir = directory
@@ -258,6 +259,16 @@ class TopicQueue:
         self.dedup_order: deque[tuple[int, str]] = deque()  # (time_ns, id), oldest first
         self.dup_waiting: list[tuple[int, Confirm]] = []  # duplicates of a record not yet durable
         self.deleted = False
+
+    @property
+    def spec(self) -> QueueConfig:
+        return self._spec
+
+    @spec.setter
+    def spec(self, spec: QueueConfig) -> None:
+        self._spec = spec
+        # A block no larger than max_msg_size has a payload no larger; discard = new needs its check.
+        self.plain_limit = spec.max_msg_size if spec.discard == "old" else -1
 
     @property
     def name(self) -> str:
@@ -539,17 +550,21 @@ class QueueService:
         """A confirmed publish without headers that every capturing queue takes as it is (no
         limit to check before the write, not broken): buffered with its Confirm; False (and
         nothing done) otherwise. The general path is :meth:`capture`."""
-        capturing = self.capturing(topic)
+        capturing = self._match_cache.get(topic)
+        if capturing is None:
+            capturing = self.capturing(topic)
         if not capturing:
             return False
+        size = len(block)
         for q in capturing:
-            spec = q.spec
-            if q.broken is not None or spec.discard != "old" or len(block) > spec.max_msg_size:
+            if q.plain_limit < size or q.broken is not None:
                 return False
         confirm = Confirm(session, pub_id, self.confirm_ready)
         confirm.remaining = len(capturing)
         session.confirms += 1
-        record = encode_record(session.ident, block)
+        ident = session.ident
+        head = _RECORD_HEADS.get(ident)
+        record = head + block if head is not None else encode_record(ident, block)
         for q in capturing:
             q.buffer_confirms.append((len(q.buffer), confirm, session))
             q.buffer.append(record)

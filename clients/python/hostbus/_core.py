@@ -20,6 +20,7 @@ from hostbus.errors import (
     ConnectionLostError,
     ErrorCode,
     HostbusError,
+    MessageTooLargeError,
     NoRespondersError,
     RemoteProtocolError,
     error_from_code,
@@ -36,6 +37,8 @@ _TOPIC_CACHE = 4096
 _U32 = wire.frames.U32
 _MSG_FIXED = struct.Struct("<IQHHI")  # MSG prefix (sid, sender ref) + message block header
 _QMSG_PREFIX = wire.frames.QMSG_PREFIX  # sid, sender ref, seq, deliveries, time_ns
+_CPUB_HEAD = struct.Struct("<IBBIHHI").pack  # frame head, pub_id and the message block's lengths
+_CPUB = int(FrameType.CPUB)
 
 
 class Waiter(Protocol):
@@ -191,23 +194,41 @@ class ClientCore:
         answers gathered into ``waiter`` (see :class:`BatchConfirms`). The ids are taken from the
         shared counter; call with the client's registration lock held."""
         items = list(messages)
-        frames = []
-        ids = []
-        for item in items:
-            if len(item) == 2:
-                topic, data = item
-                headers = None
-            else:
-                topic, data, headers = item
-            pub_id = next(self.ids)
-            frames.append(self.pub(topic, data, headers, pub_id=pub_id))
-            ids.append(pub_id)
-        gather = BatchConfirms(len(ids), waiter)
-        if not ids:
+        n = len(items)
+        if not n:
             _settle(waiter, [])
-        for k, pub_id in enumerate(ids):
-            self.register(self.confirms, pub_id, gather.part(k))
-        return b"".join(frames)
+            return b""
+        first = next(self.ids)
+        self.ids = itertools.count(first + n)  # n consecutive ids: the broker confirms them as one run
+        gather = BatchConfirms(n, waiter)
+        parts: list[bytes] = []
+        max_frame = self.max_frame
+        for k, item in enumerate(items):
+            topic, data = item[0], item[1]
+            headers = wire.encode_headers(item[2]) if len(item) > 2 and item[2] else b""
+            if isinstance(data, str):
+                data = data.encode()
+            elif not isinstance(data, bytes):
+                data = bytes(data)
+            tb = self.topic_bytes(topic)
+            length = 14 + len(tb) + len(headers) + len(data)
+            if max_frame and length > max_frame:
+                raise MessageTooLargeError(f"message {k} of the batch: {length} bytes framed exceed the broker's "
+                                           f"limit of {max_frame}")
+            parts.append(_CPUB_HEAD(length, _CPUB, 0, first + k, len(tb), 0, len(headers)))
+            parts.append(tb)
+            if headers:
+                parts.append(headers)
+            parts.append(data)
+        confirms = self.confirms
+        for k in range(n):
+            confirms[first + k] = _BatchPart(gather, k)
+        if self.lost is not None:
+            for k in range(n):
+                part = confirms.pop(first + k, None)
+                if part is not None:
+                    _settle(part, exc=self.lost)
+        return b"".join(parts)
 
     @staticmethod
     def consume_options(queue: str, consumer: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -394,10 +415,16 @@ class ClientCore:
         elif ftype == FrameType.STORED:
             first, count, seqs = wire.decode_stored(body)
             confirms = self.confirms
+            items = list(seqs.items())
             for k in range(count):
                 waiter = confirms.pop(first + k, None)
                 if waiter is not None:
-                    _settle(waiter, {name: seq + k for name, seq in seqs.items()} if k else seqs)
+                    result = {name: seq + k for name, seq in items} if k else seqs
+                    if type(waiter) is _BatchPart:
+                        waiter.settled = True
+                        waiter.batch._answer(waiter.k, result)
+                    else:
+                        _settle(waiter, result)
         elif ftype == FrameType.ERR:
             self._error(flags, body)
         elif ftype == FrameType.WELCOME:
