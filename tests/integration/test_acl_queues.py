@@ -123,6 +123,7 @@ def test_managing_queues_takes_manage_rights_on_every_subject(qdaemon: Daemon, p
                 "purge": outcome(lambda: bus.queue_purge("jobs")),
                 "change": outcome(lambda: bus.queue_add("alices", ["open.x"])),
                 "info": outcome(lambda: bus.queue_info("alices")),
+                "consumer": outcome(lambda: bus.consumer_delete("open", "a")),
                 "list": ",".join(q["name"] for q in bus.queue_list())}
 
     got = run_as_user(people, "bob", qdaemon.socket, bob)
@@ -133,6 +134,7 @@ def test_managing_queues_takes_manage_rights_on_every_subject(qdaemon: Daemon, p
     assert got["purge"].startswith("PermissionDeniedError: may not purge queue 'jobs'")
     assert got["change"].startswith("PermissionDeniedError:")
     assert got["info"].startswith("PermissionDeniedError: may not see queue 'alices'")
+    assert got["consumer"].startswith("PermissionDeniedError: may not delete a consumer of queue 'open'")
     assert got["list"] == "open"  # the queues bob may neither consume nor manage are not shown
     with qdaemon.connect() as root:
         assert {q["name"] for q in root.queue_list()} == {"open"}  # root: no rule names it

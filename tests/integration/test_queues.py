@@ -612,3 +612,30 @@ def test_stored_frames_round_trip_and_reject_garbage() -> None:
     for body in (b"\x01\x00", frame.body[:-1], frame.body[:12]):
         with pytest.raises(hostbus.RemoteProtocolError):
             wire.decode_stored(body)
+
+
+def test_a_deleted_consumer_ends_its_members_and_lets_acked_retention_go_on(node: Restartable) -> None:
+    d = node.start({"queues": [{"name": "work", "subjects": ["w.>"], "retention": "acked"}]})
+    with d.connect() as bus:
+        done = bus.consume("work", "done")
+        stuck = bus.consume("work", "stuck")  # never acknowledges: holds every message back
+        for i in range(5):
+            bus.publish("w.x", b"%d" % i, confirm=True)
+        take(done, 5)
+        bus.flush()
+        assert bus.queue_info("work")["messages"] == 5
+        bus.consumer_delete("work", "stuck")
+        with pytest.raises(hostbus.NotFoundError, match="consumer 'stuck' of queue 'work' was deleted"):
+            for _ in range(6):
+                stuck.next(timeout=3)  # what it had received, then the end
+        info = bus.queue_info("work")
+        assert set(info["consumers"]) == {"done"} and info["messages"] == 0
+        with pytest.raises(hostbus.NotFoundError, match="has no consumer named 'stuck'"):
+            bus.consumer_delete("work", "stuck")
+    d = node.restart({"queues": [{"name": "work", "subjects": ["w.>"], "retention": "acked"}]})
+    with d.connect() as bus:
+        assert set(bus.queue_info("work")["consumers"]) == {"done"}  # gone for good
+    rc, _, err = run_cli(["--socket", str(d.socket), "queue", "rm-consumer", "work", "done"])
+    assert rc == 0, err
+    rc, _, err = run_cli(["--socket", str(d.socket), "queue", "rm-consumer", "work", "done"])
+    assert rc == 1 and "has no consumer named 'done'" in err

@@ -47,7 +47,7 @@ _PUB = int(FrameType.PUB)
 _CPUB = int(FrameType.CPUB)
 _U32_AT = wire.frames.U32.unpack_from
 _CPUB_HEAD = struct.Struct("<IHHI").unpack_from  # CPUB: pub_id, then the message block's lengths
-QUEUE_OPS = ("queue_add", "queue_info", "queue_list", "queue_delete", "queue_purge")
+QUEUE_OPS = ("queue_add", "queue_info", "queue_list", "queue_delete", "queue_purge", "consumer_delete")
 
 
 def _valid_group(group: object) -> bool:
@@ -425,10 +425,15 @@ class PeerCore:
                 raise PermissionDeniedError(f"may not see queue {q.name!r}: neither subscribe nor manage rights on "
                                             "its subjects", code=ErrorCode.PERMISSION_DENIED)
             return q.describe()  # type: ignore[no-any-return]
-        queues.check_manage(session, q.spec.subjects, f"{op.removeprefix('queue_')} queue {q.name!r}")
+        what = {"queue_delete": "delete", "queue_purge": "purge", "consumer_delete": "delete a consumer of"}[op]
+        queues.check_manage(session, q.spec.subjects, f"{what} queue {q.name!r}")
         if op == "queue_delete":
             queues.delete(q.name)
             return {"deleted": q.name}
+        if op == "consumer_delete":
+            consumer = req.get("consumer")
+            queues.delete_consumer(q.name, consumer)
+            return {"deleted": consumer}
         return {"purged": queues.purge(q.name)}
 
     def fail(self, code: int, message: str, *, peer_fault: bool = True) -> None:

@@ -478,6 +478,22 @@ class QueueService:
             shutil.rmtree(q.dir, ignore_errors=True)
         self._event("info", "queue_deleted", queue=name)
 
+    def delete_consumer(self, name: str, consumer: object) -> None:
+        """Forget a consumer of a queue: its position and pending set; its members are ended
+        (NOT_FOUND). Under retention = acked, what it alone still held back may go."""
+        q = self._get(name)
+        c = q.consumers.get(consumer) if isinstance(consumer, str) else None
+        if c is None:
+            raise NotFoundError(f"queue {name!r} has no consumer named {str(consumer)[:64]!r}",
+                                code=ErrorCode.NOT_FOUND)
+        for m in list(c.members):
+            self._end_member(m, ErrorCode.NOT_FOUND, f"consumer {c.name!r} of queue {name!r} was deleted")
+        del q.consumers[c.name]
+        self._dirty.discard(c)
+        q.state_dirty = True
+        self._retain(q)
+        self._save(q)
+
     def purge(self, name: str) -> int:
         q = self._get(name)
         self._commit_queue(q)  # what was captured before the purge is purged too

@@ -365,6 +365,10 @@ class Bus:
     async def queue_purge(self, name: str) -> int:
         return int((await self.call("queue_purge", name=name))["purged"])
 
+    async def consumer_delete(self, queue: str, consumer: str) -> None:
+        """See :meth:`hostbus.Bus.consumer_delete`."""
+        await self.call("consumer_delete", name=queue, consumer=consumer)
+
     async def _attach(self, direction: str, slots: int, slot_size: int) -> tuple[dict[str, Any], int]:
         res = await self.call("ring_attach", direction=direction, slots=slots, slot_size=slot_size)
         fd = await self._loop.run_in_executor(None, fetch_fd, self.path, str(res["token"]))

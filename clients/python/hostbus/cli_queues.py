@@ -55,6 +55,11 @@ def add_parsers(sub: Any) -> None:
     purge = qs.add_parser("purge", help="remove every message of a queue",
                           description="Remove every stored message of queue NAME (its consumers stay).")
     purge.add_argument("name")
+    crm = qs.add_parser("rm-consumer", help="delete a consumer of a queue",
+                        description="Forget consumer CONSUMER of queue NAME: its position and unacknowledged "
+                        "messages; its members are ended.")
+    crm.add_argument("name")
+    crm.add_argument("consumer")
 
     c = sub.add_parser("consume", help="print and acknowledge messages of a topic queue",
                        description="Consume QUEUE as (a member of) consumer --consumer: print each message as "
@@ -132,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
                           f"{c['dead_lettered']}")
         elif cmd == "rm":
             bus.queue_delete(args.name)
+        elif cmd == "rm-consumer":
+            bus.consumer_delete(args.name, args.consumer)
         else:
             print(f"purged {bus.queue_purge(args.name)} messages")
     return 0

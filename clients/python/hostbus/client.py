@@ -365,6 +365,11 @@ class Bus:
         """Remove every stored message of a queue; returns how many."""
         return int(self.call("queue_purge", name=name)["purged"])
 
+    def consumer_delete(self, queue: str, consumer: str) -> None:
+        """Forget a durable consumer of ``queue`` (its position and unacknowledged messages);
+        its members are ended with NotFoundError. Takes the right to manage the queue."""
+        self.call("consumer_delete", name=queue, consumer=consumer)
+
     def _ensure_deliver_ring(self, slots: int, slot_size: int) -> DeliverRing:
         with self._lock:
             ring = self._deliver_ring
