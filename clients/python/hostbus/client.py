@@ -131,6 +131,7 @@ class Bus:
         self._lock = threading.RLock()  # guards core registration tables and ids
         self._wcond = threading.Condition()
         self._wbuf = bytearray()
+        self._sending = False  # a sendall is in progress (the writer's, or a caller's: _send_now)
         self._max_buffer = max_buffer
         self._closing = False
         self.path = ""  # the socket's path (set by connect(); rings fetch their memory through it)
@@ -232,7 +233,8 @@ class Bus:
         self._send(wire.encode_ack(sid, [(kind, seq, delay_ms)]))
 
     def _respond(self, reply_to: str, data: bytes | str, headers: dict[str, str] | None) -> None:
-        self.publish(reply_to, data, headers)
+        self._core.check()
+        self._send_now(self._core.pub(reply_to, data, headers))  # someone waits for it
 
     def flush(self, timeout: float | None = DEFAULT_CONTROL_TIMEOUT) -> None:
         """Return once everything published so far has reached the broker and been routed.
@@ -245,7 +247,7 @@ class Bus:
             self._core.check()
             token = next(self._core.tokens)
             self._core.register(self._core.pings, token, fut)
-        self._send(self._u32_frame("PING", token))
+        self._send_now(self._u32_frame("PING", token))
         _wait(fut, timeout, "flush")
         self._core.check()
         self._core.raise_async_error()
@@ -259,7 +261,7 @@ class Bus:
             reply = self._core.next_reply_subject()
             frame = self._core.pub(topic, data, headers, reply=reply, request=True)
             self._core.register(self._core.requests, reply, fut)
-        self._send(frame)
+        self._send_now(frame)
         try:
             return _wait(fut, timeout, f"request on {topic!r}")  # type: ignore[no-any-return]
         finally:
@@ -444,24 +446,56 @@ class Bus:
             if was_empty:
                 self._wcond.notify_all()
 
+    def _send_now(self, frame: bytes) -> None:
+        """Send a frame a caller waits on (a request, a reply, a flush) from the calling thread
+        when nothing else is being written: one thread hand-over less per round trip. Otherwise
+        it queues behind what is, like :meth:`_send` (the order of frames is kept)."""
+        with self._wcond:
+            if self._closing:
+                raise self._core.lost or ClosedError("the connection is closed")
+            if self._wbuf or self._sending:
+                self._wbuf += frame
+                self._wcond.notify_all()
+                return
+            self._sending = True
+        try:
+            self._sock.sendall(frame)
+        except OSError as exc:
+            self._write_failed(exc)
+        finally:
+            with self._wcond:
+                self._sending = False
+                if self._wbuf:
+                    self._wcond.notify_all()
+
+    def _write_failed(self, exc: OSError) -> None:
+        # The broker may have said why it closed (a connection limit, say) just before: let the
+        # reader take that in first, so the caller sees the reason, not a broken pipe.
+        if threading.current_thread() is not self._reader:
+            self._reader.join(1.0)
+        self._lost(ConnectionLostError(f"cannot write to the broker: {exc}"))
+
     def _write_loop(self) -> None:
         sock = self._sock
         while True:
             with self._wcond:
-                while not self._wbuf and not self._closing:
+                while (not self._wbuf or self._sending) and not self._closing:
                     self._wcond.wait()
+                while self._sending:  # closing: let a caller's send finish first
+                    self._wcond.wait(0.1)
                 if not self._wbuf:
                     return  # closing with nothing left to send
                 data, self._wbuf = self._wbuf, bytearray()
+                self._sending = True
                 self._wcond.notify_all()  # room for blocked publishers
             try:
                 sock.sendall(data)
             except OSError as exc:
-                # The broker may have said why it closed (a connection limit, say) just before: let
-                # the reader take that in first, so the caller sees the reason, not a broken pipe.
-                self._reader.join(1.0)
-                self._lost(ConnectionLostError(f"cannot write to the broker: {exc}"))
+                self._write_failed(exc)
                 return
+            finally:
+                with self._wcond:
+                    self._sending = False
 
     def _read_loop(self) -> None:
         sock = self._sock
