@@ -154,6 +154,9 @@ class ClientCore:
         self.requests: dict[str, Waiter] = {}
         self.confirms: dict[int, Waiter] = {}  # confirmed publishes by id (ids shared with sids and calls)
         self.answer: Callable[[int, int, int, int], None] | None = None  # sends an ACK: (sid, kind, seq, delay_ms)
+        # Answers not yet written (sid, kind, seq, delay_ms): gathered into as few ACK frames as the
+        # order of sids allows, ahead of the next frame the client writes (see take_acks).
+        self.pending_acks: list[tuple[int, int, int, int]] = []
         # Subscription ids and call ids share one counter: an ERR's ref then names exactly one.
         self.ids = itertools.count(1)
         self.tokens = itertools.count(1)  # PING tokens
@@ -229,6 +232,18 @@ class ClientCore:
                 if part is not None:
                     _settle(part, exc=self.lost)
         return b"".join(parts)
+
+    def take_acks(self) -> bytes:
+        """The pending answers as ACK frames (one per run of answers to the same consumer), and
+        forget them. Written before any later frame, so a flush still follows them."""
+        acks, self.pending_acks = self.pending_acks, []
+        frames = []
+        start = 0
+        for i in range(1, len(acks) + 1):
+            if i == len(acks) or acks[i][0] != acks[start][0]:
+                frames.append(wire.encode_ack(acks[start][0], [a[1:] for a in acks[start:i]]))
+                start = i
+        return b"".join(frames)
 
     @staticmethod
     def consume_options(queue: str, consumer: str, options: dict[str, Any]) -> dict[str, Any]:

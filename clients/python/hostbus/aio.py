@@ -196,6 +196,8 @@ class Bus:
     def _send(self, frame: bytes) -> None:
         if self._transport is None or self._closing:
             raise self._core.lost or ClosedError("the connection is closed")
+        if self._core.pending_acks:  # answers given before this frame go before it
+            self._out.append(self._core.take_acks())
         self._out.append(frame)
         self._out_bytes += len(frame)
         if not self._flush_scheduled:
@@ -204,6 +206,8 @@ class Bus:
 
     def _write(self) -> None:
         self._flush_scheduled = False
+        if self._core.pending_acks:
+            self._out.append(self._core.take_acks())
         out, self._out = self._out, []
         self._out_bytes = 0
         if out and self._transport is not None and not self._transport.is_closing():
@@ -264,7 +268,13 @@ class Bus:
         return await _wait(fut, timeout, "confirm of a batch of publishes")  # type: ignore[no-any-return]
 
     def _answer(self, sid: int, kind: int, seq: int, delay_ms: int) -> None:
-        self._send(wire.encode_ack(sid, [(kind, seq, delay_ms)]))
+        """An ack, nak, term or in-progress: gathered with the others until the next write."""
+        if self._transport is None or self._closing:
+            raise self._core.lost or ClosedError("the connection is closed")
+        self._core.pending_acks.append((sid, kind, seq, delay_ms))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._write)
 
     async def _respond(self, reply_to: str, data: bytes | str, headers: dict[str, str] | None) -> None:
         await self.publish(reply_to, data, headers)

@@ -228,9 +228,14 @@ class Bus:
         return fut
 
     def _answer(self, sid: int, kind: int, seq: int, delay_ms: int) -> None:
-        from hostbus import wire  # noqa: PLC0415
-
-        self._send(wire.encode_ack(sid, [(kind, seq, delay_ms)]))
+        """An ack, nak, term or in-progress: gathered with the others until the next write."""
+        with self._wcond:
+            if self._closing:
+                raise self._core.lost or ClosedError("the connection is closed")
+            acks = self._core.pending_acks
+            acks.append((sid, kind, seq, delay_ms))
+            if len(acks) == 1 and not self._wbuf:
+                self._wcond.notify_all()
 
     def _respond(self, reply_to: str, data: bytes | str, headers: dict[str, str] | None) -> None:
         self._core.check()
@@ -442,6 +447,8 @@ class Bus:
                 if self._closing:
                     raise self._core.lost or ClosedError("the connection is closed")
             was_empty = not self._wbuf
+            if self._core.pending_acks:  # answers given before this frame go before it
+                self._wbuf += self._core.take_acks()
             self._wbuf += frame
             if was_empty:
                 self._wcond.notify_all()
@@ -453,6 +460,8 @@ class Bus:
         with self._wcond:
             if self._closing:
                 raise self._core.lost or ClosedError("the connection is closed")
+            if self._core.pending_acks:
+                self._wbuf += self._core.take_acks()
             if self._wbuf or self._sending:
                 self._wbuf += frame
                 self._wcond.notify_all()
@@ -479,10 +488,12 @@ class Bus:
         sock = self._sock
         while True:
             with self._wcond:
-                while (not self._wbuf or self._sending) and not self._closing:
+                while (not (self._wbuf or self._core.pending_acks) or self._sending) and not self._closing:
                     self._wcond.wait()
                 while self._sending:  # closing: let a caller's send finish first
                     self._wcond.wait(0.1)
+                if self._core.pending_acks:
+                    self._wbuf += self._core.take_acks()
                 if not self._wbuf:
                     return  # closing with nothing left to send
                 data, self._wbuf = self._wbuf, bytearray()
