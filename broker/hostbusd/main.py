@@ -463,10 +463,9 @@ GC_THRESHOLDS = (100_000, 50, 100)
 def release_startup_memory() -> None:
     """Give the C heap that start-up used and freed (reading the configuration, building its
     models) back to the system: an idle daemon should cost what it holds, not what it once did.
-    What start-up built to keep is frozen out of the collector's way; then the thresholds of a
-    message broker apply (GC_THRESHOLDS)."""
+    Then the thresholds of a message broker apply (GC_THRESHOLDS); a closed connection leaves
+    no cycle behind (PeerCore.forget), so what it held is freed at once, not at a collection."""
     gc.collect()
-    gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).malloc_trim(0)  # glibc; elsewhere there is nothing to call

@@ -4,7 +4,6 @@ calling thread, frozen GC): each test pins one bug against a real daemon."""
 from __future__ import annotations
 
 import contextlib
-import itertools
 import socket
 import struct
 import time
@@ -111,9 +110,12 @@ def test_confirmed_batches_past_the_u32_id_space_fail_with_struct_error(daemon: 
     with daemon.connect() as admin:
         admin.queue_add("orders", "orders.>", storage="memory")
     with daemon.connect() as bus:
-        bus._core.ids = itertools.count((1 << 32) - 3)  # where 4,294,967,292 earlier ids leave it
+        bus._core._next_id = (1 << 32) - 3  # where 4,294,967,292 earlier ids leave it
         try:
             got = bus.publish_batch([("orders.a", b"x")] * 5)
         except struct.error as exc:
             raise AssertionError(f"a confirmed batch past id 2**32 - 1 fails: struct.error: {exc}") from None
         assert [r["orders"] for r in got] == [1, 2, 3, 4, 5]
+        assert bus._core._next_id == 6  # the run did not cross the end: it began again at 1
+        sub = bus.subscribe("x")  # and the ids go on from there, past any still in use
+        assert sub.sid == 6

@@ -38,7 +38,7 @@ from hostbusd.core.hub import Hub
 from hostbusd.core.identity import Identity
 from hostbusd.core.queues import Confirm
 from hostbusd.core.router import SubscribeOptions
-from hostbusd.core.session import Session
+from hostbusd.core.session import NULL_EGRESS, Session
 
 _MAX_GROUP_BYTES = 255
 #: Units of work one peer may do before the loop serves others (see the module docstring).
@@ -435,6 +435,18 @@ class PeerCore:
             queues.delete_consumer(q.name, consumer)
             return {"deleted": consumer}
         return {"purged": queues.purge(q.name)}
+
+    def forget(self) -> None:
+        """The connection is gone and released: drop the input buffers and the references that
+        make the peer, its session and its transport a cycle (so reference counting frees them
+        at once, not the cyclic collector some time later)."""
+        self.decoder = wire.Decoder(wire.CLIENT_FRAMES, wire.HANDSHAKE_MAX_FRAME)
+        self._frames = []
+        session = self.session
+        session.on_fail = None
+        session.egress = NULL_EGRESS
+        session.inbox = None
+        session.subs.clear()
 
     def fail(self, code: int, message: str, *, peer_fault: bool = True) -> None:
         """End this peer with a fatal error; a fault of its own is logged (rate-limited)."""

@@ -466,6 +466,9 @@ class QueueService:
         self._unindex(q)
         del self.queues[name]
         q.deleted = True
+        for c in q.consumers.values():
+            self._dirty.discard(c)
+        q.consumers.clear()  # each consumer points back at its queue
         for _, confirm, _ in q.buffer_confirms:
             if confirm is not None:
                 confirm.failed(ErrorCode.NOT_FOUND, f"queue {name!r} was deleted before the message was stored")
@@ -499,6 +502,9 @@ class QueueService:
         self._commit_queue(q)  # what was captured before the purge is purged too
         try:
             n = q.log.drop_below(q.log.last_seq + 1)
+        except SyncError as exc:
+            self._broken(q, str(exc), [])
+            raise HostbusError(f"cannot purge queue {name!r}: {exc}", code=ErrorCode.STORAGE) from None
         except (OSError, StorageError) as exc:
             raise HostbusError(f"cannot purge queue {name!r}: {exc}", code=ErrorCode.STORAGE) from None
         for c in q.consumers.values():

@@ -53,6 +53,9 @@ class _NullEgress:
         pass
 
 
+NULL_EGRESS = _NullEgress()  # for a session whose transport is gone
+
+
 class Account:
     """What one uid holds across its connections, and its limits (``limits.*_per_uid``)."""
 

@@ -142,6 +142,7 @@ class UnixPeer(asyncio.Protocol):
                 self.core.session.account.written_bytes -= self._charged
                 self._charged = 0
             self.hub.release(self.core.session)
+            self.core.forget()  # no cycle keeps its buffers alive until the next collection
         self.peers.discard(self)
         self.closed.set()
 

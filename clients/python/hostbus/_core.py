@@ -12,7 +12,7 @@ import itertools
 import os
 import struct
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 from hostbus import topics, wire
@@ -158,7 +158,7 @@ class ClientCore:
         # order of sids allows, ahead of the next frame the client writes (see take_acks).
         self.pending_acks: list[tuple[int, int, int, int]] = []
         # Subscription ids and call ids share one counter: an ERR's ref then names exactly one.
-        self.ids = itertools.count(1)
+        self._next_id = 1  # see next_id
         self.tokens = itertools.count(1)  # PING tokens
         self.req_ids = itertools.count(1)
         self.lost: HostbusError | None = None  # set once the connection is gone
@@ -168,6 +168,26 @@ class ClientCore:
         self._topic_str: dict[bytes, str] = {}  # received topics, decoded once
 
     # ---- encoding ------------------------------------------------------------------------------
+
+    def next_id(self, n: int = 1) -> int:
+        """The first of ``n`` consecutive ids for subscriptions, calls and confirmed publishes
+        (one space, so an ERR's ``ref`` names one of them). Ids are u32 on the wire: after
+        4,294,967,295 they start again at 1, passing over any still in use. Call with the client's
+        registration lock held."""
+        busy = (self.sinks, self.sub_waiters, self.calls, self.confirms)
+        while True:
+            first = self._next_id
+            if first + n > 0xFFFFFFFF:  # a run never crosses the end of the id space
+                first = 1
+            if not any(first + k in table for table in busy for k in range(n) if table):
+                self._next_id = first + n
+                return first
+            self._next_id = first + n  # some are in use: try the next run
+
+    @property
+    def ids(self) -> Iterator[int]:
+        """Compatibility: ``next(core.ids)`` is :meth:`next_id`."""
+        return iter(self.next_id, None)
 
     def hello(self) -> bytes:
         return wire.encode_hello(self.name, CLIENT_NAME, wire.PROTOCOL_VERSION)
@@ -201,8 +221,7 @@ class ClientCore:
         if not n:
             _settle(waiter, [])
             return b""
-        first = next(self.ids)
-        self.ids = itertools.count(first + n)  # n consecutive ids: the broker confirms them as one run
+        first = self.next_id(n)  # n consecutive ids: the broker confirms them as one run
         gather = BatchConfirms(n, waiter)
         parts: list[bytes] = []
         max_frame = self.max_frame
@@ -224,13 +243,15 @@ class ClientCore:
                 parts.append(headers)
             parts.append(data)
         confirms = self.confirms
-        for k in range(n):
-            confirms[first + k] = _BatchPart(gather, k)
-        if self.lost is not None:
-            for k in range(n):
-                part = confirms.pop(first + k, None)
-                if part is not None:
-                    _settle(part, exc=self.lost)
+        waiting = [_BatchPart(gather, k) for k in range(n)]
+        for k, part in enumerate(waiting):
+            confirms[first + k] = part
+        lost = self.lost
+        if lost is not None:  # lost meanwhile (emptied or not by connection_lost): every part fails
+            for k, part in enumerate(waiting):
+                confirms.pop(first + k, None)
+                if not part.settled:
+                    part.set_exception(lost)
         return b"".join(parts)
 
     def take_acks(self) -> bytes:

@@ -248,7 +248,7 @@ class Bus:
         """Send a confirmed publish and return a future of its ``{queue: seq}`` without waiting
         for it (waits only while the connection is congested)."""
         self._core.check()
-        pub_id = next(self._core.ids)
+        pub_id = self._core.next_id()
         frame = self._core.pub(topic, data, headers, pub_id=pub_id)
         fut: asyncio.Future[dict[str, int]] = self._loop.create_future()
         self._core.register(self._core.confirms, pub_id, fut)
@@ -313,7 +313,7 @@ class Bus:
         elif via != "socket":
             raise ValueError(f"via must be 'socket' or 'shm', not {via!r}")
         self._core.check()
-        sid = next(self._core.ids)
+        sid = self._core.next_id()
         frame = self._core.sub(sid, pattern, group, policy, max_msgs, max_bytes, extra)
         if extra:
             self._ring_sids.add(sid)
@@ -344,7 +344,7 @@ class Bus:
             "start": start, "ack_wait": ack_wait, "max_deliver": max_deliver, "backoff": backoff,
             "max_inflight": max_inflight, "filter": filter})
         self._core.check()
-        sid = next(self._core.ids)
+        sid = self._core.next_id()
         cons = Consumption(self, sid, queue, consumer, pending_limit)
         fut: asyncio.Future[Any] = self._loop.create_future()
         self._core.sinks[sid] = cons
@@ -429,7 +429,7 @@ class Bus:
 
     async def call(self, op: str, timeout: float | None = DEFAULT_CONTROL_TIMEOUT, **args: Any) -> dict[str, Any]:
         self._core.check()
-        call_id = next(self._core.ids)
+        call_id = self._core.next_id()
         fut: asyncio.Future[Any] = self._loop.create_future()
         self._core.register(self._core.calls, call_id, fut)
         self._send(wire.encode_call(call_id, op, args))

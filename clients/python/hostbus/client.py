@@ -197,7 +197,7 @@ class Bus:
         fut: concurrent.futures.Future[dict[str, int]] = concurrent.futures.Future()
         with self._lock:
             self._core.check()
-            pub_id = next(self._core.ids)
+            pub_id = self._core.next_id()
             frame = self._core.pub(topic, data, headers, pub_id=pub_id)
             self._core.register(self._core.confirms, pub_id, fut)
         try:
@@ -295,7 +295,7 @@ class Bus:
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
         with self._lock:
             self._core.check()
-            sid = next(self._core.ids)
+            sid = self._core.next_id()
             frame = self._core.sub(sid, pattern, group, policy, max_msgs, max_bytes, extra)
             if extra:
                 self._ring_sids.add(sid)
@@ -337,7 +337,7 @@ class Bus:
 
         with self._lock:
             self._core.check()
-            sid = next(self._core.ids)
+            sid = self._core.next_id()
             cons = Consumption(self, sid, queue, consumer, pending_limit)
             self._core.sinks[sid] = cons
             self._core.register(self._core.sub_waiters, sid, fut)
@@ -415,7 +415,7 @@ class Bus:
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
         with self._lock:
             self._core.check()
-            call_id = next(self._core.ids)
+            call_id = self._core.next_id()
             self._core.register(self._core.calls, call_id, fut)
         self._send(wire.encode_call(call_id, op, args))
         return _wait(fut, timeout, f"call {op!r}")  # type: ignore[no-any-return]
@@ -471,11 +471,18 @@ class Bus:
             self._sock.sendall(frame)
         except OSError as exc:
             self._write_failed(exc)
+            raise self._core.lost or ConnectionLostError(f"cannot write to the broker: {exc}") from None
+        except BaseException:
+            # Interrupted (Ctrl-C) in the middle of a frame: what follows would be garbage to the
+            # broker. The connection is given up, the caller's exception goes on.
+            self._lost(ConnectionLostError("a send was interrupted in the middle of a frame"))
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(_socket.SHUT_RDWR)
+            raise
         finally:
             with self._wcond:
                 self._sending = False
-                if self._wbuf:
-                    self._wcond.notify_all()
+                self._wcond.notify_all()  # the writer: for what was queued meanwhile, acks included
 
     def _write_failed(self, exc: OSError) -> None:
         # The broker may have said why it closed (a connection limit, say) just before: let the
