@@ -159,6 +159,7 @@ class ClientCore:
         self.pending_acks: list[tuple[int, int, int, int]] = []
         # Subscription ids and call ids share one counter: an ERR's ref then names exactly one.
         self._next_id = 1  # see next_id
+        self._wrapped = False
         self.tokens = itertools.count(1)  # PING tokens
         self.req_ids = itertools.count(1)
         self.lost: HostbusError | None = None  # set once the connection is gone
@@ -174,11 +175,16 @@ class ClientCore:
         (one space, so an ERR's ``ref`` names one of them). Ids are u32 on the wire: after
         4,294,967,295 they start again at 1, passing over any still in use. Call with the client's
         registration lock held."""
+        first = self._next_id
+        if not self._wrapped and first + n <= 0xFFFFFFFF:  # never used before: nothing to pass over
+            self._next_id = first + n
+            return first
         busy = (self.sinks, self.sub_waiters, self.calls, self.confirms)
         while True:
             first = self._next_id
             if first + n > 0xFFFFFFFF:  # a run never crosses the end of the id space
                 first = 1
+                self._wrapped = True
             if not any(first + k in table for table in busy for k in range(n) if table):
                 self._next_id = first + n
                 return first
