@@ -263,3 +263,15 @@ def shared_daemon(start_daemon: Any, workdir: Path) -> Daemon:
     d: Daemon = start_daemon({"socket": {"dir_mode": 0o755, "mode": 0o666}})
     d.workdir.chmod(0o755)
     return d
+
+
+@pytest.fixture
+def node(workdir: Path) -> Iterator[Any]:
+    """A daemon that can be restarted (or killed and started again) on the same state directory."""
+    from tests.helpers.restart import Restartable
+
+    r = Restartable(workdir)
+    try:
+        yield r
+    finally:
+        r.close()

@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import pytest
 
 import hostbus
 from tests.conftest import Daemon
-from tests.integration.test_queues import Restartable
+from tests.helpers.restart import Restartable
 
 HIST = {"queues": [{"name": "hist", "subjects": ["hist.>"], "storage": "file", "durability": "always",
                     "max_msgs": 10_000_000, "duplicate_window": 0}],
@@ -49,13 +48,6 @@ except hostbus.HostbusError:
 """
 
 
-@pytest.fixture
-def node(workdir: Path) -> Iterator[Restartable]:
-    r = Restartable(workdir)
-    try:
-        yield r
-    finally:
-        r.close()
 
 
 def consume_all(d: Daemon, queue: str, consumer: str) -> list[hostbus.Message]:

@@ -18,38 +18,7 @@ import hostbus
 from hostbus import wire
 from tests.conftest import Daemon
 from tests.helpers.raw import RawClient
-
-
-class Restartable:
-    """Daemons that keep their state directory across restarts (the same work directory)."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir / "q"
-        self.workdir.mkdir()
-        self.daemon: Daemon | None = None
-
-    def start(self, config: dict[str, Any] | None = None) -> Daemon:
-        self.daemon = Daemon(self.workdir, config or {})
-        return self.daemon
-
-    def restart(self, config: dict[str, Any] | None = None) -> Daemon:
-        assert self.daemon is not None
-        assert self.daemon.stop() == 0, self.daemon.log()
-        return self.start(config)
-
-    def close(self) -> None:
-        if self.daemon is not None:
-            with contextlib.suppress(Exception):
-                self.daemon.kill()
-
-
-@pytest.fixture
-def node(workdir: Path) -> Iterator[Restartable]:
-    r = Restartable(workdir)
-    try:
-        yield r
-    finally:
-        r.close()
+from tests.helpers.restart import Restartable
 
 
 def _why(d: Daemon) -> str:

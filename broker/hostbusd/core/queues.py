@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import shutil
 import struct
 import time
@@ -65,8 +64,7 @@ from hostbusd.store.queue import (
     Delivery,
     Log,
     MemoryLog,
-    load_state,
-    save_state,
+    write_atomic,
 )
 from hostbusd.store.segments import SegmentLog, StorageError, SyncError
 
@@ -539,7 +537,7 @@ class QueueService:
     def _persist_spec(self, q: TopicQueue) -> None:
         if q.dir is not None:
             q.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            _write_atomic(q.dir / "queue.json", json.dumps(q.spec.model_dump(), indent=1).encode())
+            write_atomic(q.dir / "queue.json", json.dumps(q.spec.model_dump(), indent=1).encode())
 
     # ---- capture and commit -------------------------------------------------------------------
 
@@ -1125,7 +1123,7 @@ class QueueService:
                          "backoff": list(c.core.options.backoff), "max_inflight": c.core.options.max_inflight}}
             for c in q.consumers.values()]}
         try:
-            _write_atomic(q.dir / "state.json", json.dumps(obj, separators=(",", ":")).encode())
+            write_atomic(q.dir / "state.json", json.dumps(obj, separators=(",", ":")).encode())
         except OSError as exc:
             q.state_dirty = True
             self._event("error", "queue_state_not_saved", queue=q.name, error=exc.strerror)
@@ -1201,21 +1199,4 @@ def _load_json(path: Path) -> Any:
         return {}
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
-__all__ = ["Confirm", "Member", "QueueService", "TopicQueue", "decode_record", "encode_record", "load_state",
-           "loss_window", "save_state"]
+__all__ = ["Confirm", "Member", "QueueService", "TopicQueue", "decode_record", "encode_record", "loss_window"]

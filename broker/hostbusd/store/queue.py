@@ -370,10 +370,10 @@ class Consumer:
             return
 
 
-def save_state(path: Path, states: list[ConsumerState]) -> None:
-    """Write consumer states atomically (a temporary file, fsync, rename, fsync of the directory)."""
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically and durably (a temporary file, fsync, rename,
+    fsync of the directory): after a crash it holds the old bytes or the new, never a mix."""
     tmp = path.with_name(path.name + ".tmp")
-    data = json.dumps([s.dump() for s in states], separators=(",", ":")).encode()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         os.write(fd, data)
@@ -386,6 +386,11 @@ def save_state(path: Path, states: list[ConsumerState]) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def save_state(path: Path, states: list[ConsumerState]) -> None:
+    """Write consumer states atomically."""
+    write_atomic(path, json.dumps([s.dump() for s in states], separators=(",", ":")).encode())
 
 
 def load_state(path: Path) -> list[ConsumerState]:
