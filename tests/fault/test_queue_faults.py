@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import pytest
 
 import hostbus
 from tests.conftest import Daemon
-from tests.helpers.restart import Restartable
+from tests.helpers.restart import Restartable, small_fs
 
 HIST = {"queues": [{"name": "hist", "subjects": ["hist.>"], "storage": "file", "durability": "always",
                     "max_msgs": 10_000_000, "duplicate_window": 0}],
@@ -213,13 +212,7 @@ def test_a_flipped_byte_is_never_delivered_and_the_daemon_keeps_running(node: Re
 
 
 def test_a_full_disk_refuses_with_a_clear_error_and_loses_nothing_confirmed(node: Restartable) -> None:
-    state = node.workdir / "state"
-    state.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=320k,mode=0700", "hostbus-test", str(state)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small filesystem here: {r.stderr.strip()}")
-    try:
+    with small_fs(node, "size=320k"):
         cfg = {"queues": [{"name": "d", "subjects": ["d.>"]}], "store": {"segment_bytes": 64 * 1024}}
         d = node.start(cfg)
         confirmed: list[tuple[bytes, int]] = []
@@ -248,9 +241,3 @@ def test_a_full_disk_refuses_with_a_clear_error_and_loses_nothing_confirmed(node
         d = node.restart(cfg, kill=True)  # and after a crash too
         assert [(m.data, m.seq) for m in consume_all(d, "d", "c2")] == confirmed
         d.stop()
-    finally:
-        if node.daemon is not None:
-            node.daemon.kill()
-        subprocess.run(["umount", "-l", str(state)], check=False)
-        with contextlib.suppress(OSError):
-            os.rmdir(state)

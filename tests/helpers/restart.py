@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.conftest import Daemon
 
@@ -33,3 +38,23 @@ class Restartable:
         if self.daemon is not None:
             with contextlib.suppress(Exception):
                 self.daemon.kill()
+
+
+@contextlib.contextmanager
+def small_fs(node: Restartable, options: str) -> Iterator[Path]:
+    """The node's state directory on a tmpfs mounted with ``options`` (size, nr_inodes); skips
+    where nothing can be mounted. Unmounted afterwards, the daemon killed first."""
+    state = node.workdir / "state"
+    state.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"{options},mode=0700", "hostbus-test", str(state)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small filesystem here: {r.stderr.strip()}")
+    try:
+        yield state
+    finally:
+        if node.daemon is not None:
+            node.daemon.kill()
+        subprocess.run(["umount", "-l", str(state)], check=False)
+        with contextlib.suppress(OSError):
+            os.rmdir(state)

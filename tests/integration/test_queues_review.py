@@ -6,9 +6,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import hostbus
 from hostbus import wire
 from tests.conftest import Daemon
 from tests.helpers.raw import RawClient
-from tests.helpers.restart import Restartable
+from tests.helpers.restart import Restartable, small_fs
 
 
 def _why(d: Daemon) -> str:
@@ -259,24 +258,6 @@ def test_a_duplicate_is_confirmed_before_its_original_is_on_disk(node: Restartab
 # ---- storage errors (a small tmpfs whose inodes run out) -----------------------------------------
 
 
-@contextlib.contextmanager
-def small_fs(node: Restartable) -> Iterator[Path]:
-    state = node.workdir / "state"
-    state.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,nr_inodes=64,mode=0700", "hb-review", str(state)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small filesystem here: {r.stderr.strip()}")
-    try:
-        yield state
-    finally:
-        if node.daemon is not None:
-            node.daemon.kill()
-        subprocess.run(["umount", "-l", str(state)], check=False)
-        with contextlib.suppress(OSError):
-            os.rmdir(state)
-
-
 def fill_inodes(state: Path) -> list[Path]:
     """Create empty files until the filesystem has no inode left; returns them."""
     made = []
@@ -291,7 +272,7 @@ def fill_inodes(state: Path) -> list[Path]:
 
 
 def test_a_failed_purge_leaves_the_queue_refusing_every_publish(node: Restartable) -> None:
-    with small_fs(node) as state:
+    with small_fs(node, "size=8m,nr_inodes=64") as state:
         d = node.start({"queues": [{"name": "p", "subjects": ["p"]}]})
         with d.connect() as bus:
             for i in range(5):
@@ -309,7 +290,7 @@ def test_a_batch_refused_at_segment_rollover_is_partly_stored_and_delivered(node
     # SegmentLog.append writes the part of a batch that fits the current segment, then fails to
     # begin the next one: every publisher of the batch is told STORAGE ("the message was not
     # stored"), yet the first part stays in the log and is delivered once something later is synced.
-    with small_fs(node) as state:
+    with small_fs(node, "size=8m,nr_inodes=64") as state:
         d = node.start({"store": {"segment_bytes": 64 * 1024}, "queues": [{"name": "r", "subjects": ["r"]}]})
         with d.connect() as bus:
             confirmed = [bus.publish("r", b"%02d" % i + b"." * 998, confirm=True)["r"] for i in range(58)]

@@ -278,8 +278,8 @@ class Router:
         return self._valid_topics.get(raw)
 
     def count(self, topic: str, nbytes: int) -> None:
-        """Count a message routed on ``topic`` without :meth:`publish` (a fast path that
-        found no subscriber: see PeerCore._cpub_fast)."""
+        """Count a message routed on ``topic`` (by :meth:`publish`, or by a fast path that
+        found no subscriber: PeerCore._cpub_fast)."""
         stats = self.stats
         stats.msgs_in += 1
         stats.bytes_in += nbytes
@@ -326,20 +326,11 @@ class Router:
         store the message too; ``confirm`` (a confirmed publish) collects their answers.
         """
         stats = self.stats
-        stats.msgs_in += 1
-        stats.bytes_in += len(block)
-        counts = stats.topics
-        # Inbox topics are one per request: counted together.
-        topic_key = "_INBOX" if topic.startswith(topics.INBOX_PREFIX) else topic
-        if topic_key in counts:
-            counts[topic_key] += 1
-        elif len(counts) < self.stats_max_topics:
-            counts[topic_key] = 1
-        else:
-            stats.topics_other += 1
+        inbox = topic.startswith(topics.INBOX_PREFIX)
+        self.count("_INBOX" if inbox else topic, len(block))  # inbox topics, one per request: together
 
         n = 0
-        if topic.startswith(topics.INBOX_PREFIX):
+        if inbox:
             owner = self.inboxes.get(topic[len(topics.INBOX_PREFIX):].split(".", 1)[0])
             if owner is not None and owner.inbox is not None:
                 owner.deliver(owner.inbox, ident, block)
@@ -364,6 +355,6 @@ class Router:
         if n == 0 and flags & wire.PUB_REQUEST and origin is not None:
             stats.no_responders += 1
             origin.send(wire.frame(wire.FrameType.NORESP, reply.encode()))
-        if flags & wire.PUB_RETAIN and not topic.startswith(topics.INBOX_PREFIX):  # replies are not kept
+        if flags & wire.PUB_RETAIN and not inbox:  # replies are not kept
             self.retained.put(topic, ident, block, payload_len)  # after delivery: may raise a limit
         return n

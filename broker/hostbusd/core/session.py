@@ -216,19 +216,28 @@ class Session:
 
     def _write_msg(self, sub: Subscription, ident: Identity, block: bytes, flags: int) -> None:
         if ident.ref not in self.known:
-            if len(self.known) >= MAX_KNOWN_SENDERS:
-                self.known.clear()
-                self._append(_SENDER_RESET)
-            self.known.add(ident.ref)
-            self._append(ident.frame())
+            self._announce(ident)
         q = sub.queue
         if q.missed:
             self._append(wire.encode_gap(sub.sid, q.missed))
             q.missed = 0
+        self._append_message(_msg_header(sub.sid, ident.ref, len(block), flags), block, _MSG_OVERHEAD)
+
+    def _announce(self, ident: Identity) -> None:
+        """A SENDER frame for a sender this connection does not know yet (SENDER_RESET first
+        when it knows MAX_KNOWN_SENDERS)."""
+        if len(self.known) >= MAX_KNOWN_SENDERS:
+            self.known.clear()
+            self._append(_SENDER_RESET)
+        self.known.add(ident.ref)
+        self._append(ident.frame())
+
+    def _append_message(self, head: bytes, block: bytes, overhead: int) -> None:
+        """A message frame (its head, then the block as published) into ``out``, counted."""
         out = self.out
-        out.append(_msg_header(sub.sid, ident.ref, len(block), flags))
+        out.append(head)
         out.append(block)
-        n = len(block) + _MSG_OVERHEAD
+        n = len(block) + overhead
         self.out_bytes += n
         self.msgs_out += 1
         if self.account is not None:
@@ -242,18 +251,9 @@ class Session:
         if self.closing:
             return
         if ident.ref not in self.known:
-            if len(self.known) >= MAX_KNOWN_SENDERS:
-                self.known.clear()
-                self._append(_SENDER_RESET)
-            self.known.add(ident.ref)
-            self._append(ident.frame())
-        self.out.append(_qmsg_head(len(block) + _QMSG_LEN, _QMSG, 0, sid, ident.ref, seq, count, time_ns))
-        self.out.append(block)
-        n = len(block) + _QMSG_OVERHEAD
-        self.out_bytes += n
-        self.msgs_out += 1
-        if self.account is not None:
-            self.account.written_bytes += n
+            self._announce(ident)
+        self._append_message(_qmsg_head(len(block) + _QMSG_LEN, _QMSG, 0, sid, ident.ref, seq, count, time_ns),
+                             block, _QMSG_OVERHEAD)
         self._poke()
 
     def _emit_gap(self, sub: Subscription) -> None:

@@ -266,6 +266,9 @@ class Consumer:
         accept = self.accept
         scan = SCAN_LIMIT  # records a filter may pass over in one call: the loop serves others meanwhile
         self.more = False
+        deadline = now + self._wait(1)  # of every first delivery in this call
+        if room > 0:
+            self.due_floor = min(self.due_floor, deadline)
         while room > 0:
             start = max(st.next_seq, self.log.first_seq)
             got = 0
@@ -279,9 +282,7 @@ class Consumer:
                 if accept is not None and not accept(payload):
                     self._done(seq, pending=False)
                     continue
-                deadline = now + self._wait(1)
                 st.pending[seq] = Pending(1, deadline)
-                self.due_floor = min(self.due_floor, deadline)
                 out.append(Delivery(seq, 1, t, payload))
                 room -= 1
             if not got or accept is None:

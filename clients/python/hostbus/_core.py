@@ -12,7 +12,7 @@ import itertools
 import os
 import struct
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from hostbus import topics, wire
@@ -189,11 +189,6 @@ class ClientCore:
                 self._next_id = first + n
                 return first
             self._next_id = first + n  # some are in use: try the next run
-
-    @property
-    def ids(self) -> Iterator[int]:
-        """Compatibility: ``next(core.ids)`` is :meth:`next_id`."""
-        return iter(self.next_id, None)
 
     def hello(self) -> bytes:
         return wire.encode_hello(self.name, CLIENT_NAME, wire.PROTOCOL_VERSION)
