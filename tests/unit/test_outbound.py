@@ -14,11 +14,11 @@ ROOM = 1 << 40  # a connection budget that never binds
 def item(tag: int, size: int) -> Item:
     """An item whose block is ``size`` bytes and says which message it is."""
     block = (b"%d:" % tag).ljust(size, b".")[:size] if size else b""
-    return (None, block, tag)
+    return (None, block, tag, 0)
 
 
 def tags(q: OutboundQueue) -> list[int]:
-    return [flags for _, _, flags in q.items]
+    return [flags for _, _, flags, _ in q.items]
 
 
 def push(q: OutboundQueue, tag: int, size: int, room: int = ROOM) -> int:
@@ -26,7 +26,8 @@ def push(q: OutboundQueue, tag: int, size: int, room: int = ROOM) -> int:
 
 
 def check_bytes(q: OutboundQueue) -> None:
-    assert q.nbytes == sum(len(block) for _, block, _ in q.items)
+    assert q.nbytes == sum(len(block) for _, block, _, _ in q.items)
+    assert q.msgs == len(q) == sum(n or 1 for _, _, _, n in q.items)
 
 
 # ---- within bounds ---------------------------------------------------------------------------------
@@ -249,3 +250,44 @@ def test_order_is_preserved_among_survivors() -> None:
         push(q, i, 1 + i % 3)
     assert tags(q) == [16, 17, 18, 19]
     assert q.missed == 16
+
+
+# ---- runs: one item, many messages ------------------------------------------------------------------
+
+
+def run(tag: int, count: int, size: int = 10) -> Item:
+    return (None, b"r" * size, tag, count)
+
+
+def test_a_run_counts_as_its_messages_against_max_msgs() -> None:
+    q = OutboundQueue(DROP_NEW, max_msgs=10, max_bytes=1000)
+    assert q.push(run(1, 6), 10, ROOM) == 10
+    assert len(q) == 6
+    assert q.push(run(2, 5), 10, ROOM) == 0  # 11 > 10: refused whole
+    assert q.missed == 5
+    assert q.push(run(3, 4), 10, ROOM) == 10
+    assert len(q) == 10 and tags(q) == [1, 3]
+    check_bytes(q)
+    assert q.pop()[3] == 6 and len(q) == 4
+
+
+def test_drop_oldest_drops_whole_runs_and_counts_their_messages() -> None:
+    q = OutboundQueue(DROP_OLDEST, max_msgs=10, max_bytes=1000)
+    q.push(run(1, 4), 10, ROOM)
+    q.push(item(2, 10), 10, ROOM)
+    q.push(run(3, 5), 10, ROOM)  # 10 held
+    assert q.push(run(4, 3), 10, ROOM) == 0  # the run of 4 goes (4 freed), then 3 fit: 10 - 4 + 3 = 9
+    assert tags(q) == [2, 3, 4] and len(q) == 9 and q.missed == 4
+    check_bytes(q)
+
+
+def test_a_run_larger_than_the_whole_queue_is_dropped_and_counted() -> None:
+    for policy in (DROP_OLDEST, DROP_NEW):
+        q = OutboundQueue(policy, max_msgs=10, max_bytes=1000)
+        q.push(item(1, 10), 10, ROOM)
+        assert q.push(run(2, 11), 10, ROOM) == 0
+        assert tags(q) == [1] and q.missed == 11
+    q = OutboundQueue(DISCONNECT, max_msgs=10, max_bytes=1000)
+    with pytest.raises(Overflow):
+        q.push(run(2, 11), 10, ROOM)
+    assert len(q) == 0

@@ -44,8 +44,8 @@ def test_frame_layout_is_length_type_flags_body() -> None:
 
 
 def test_frame_types_split_by_direction() -> None:
-    assert set(wire.CLIENT_FRAMES) == {1, 2, 3, 4, 5, 6, 7, 8}
-    assert set(wire.SERVER_FRAMES) == set(range(0x81, 0x8D))
+    assert set(wire.CLIENT_FRAMES) == {1, 2, 3, 4, 5, 6, 7, 8, 9}
+    assert set(wire.SERVER_FRAMES) == set(range(0x81, 0x8E))
     assert not wire.CLIENT_FRAMES & wire.SERVER_FRAMES
 
 
@@ -345,8 +345,8 @@ def test_incomplete_header_is_not_judged(method: str) -> None:
         (wire.CLIENT_FRAMES, FrameType.MSG),  # a server frame sent to the server
         (wire.SERVER_FRAMES, FrameType.PUB),  # a client frame sent to the client
         (wire.CLIENT_FRAMES, 0x00),
-        (wire.CLIENT_FRAMES, 0x09),
-        (wire.SERVER_FRAMES, 0x8D),
+        (wire.CLIENT_FRAMES, 0x0A),
+        (wire.SERVER_FRAMES, 0x8E),
         (wire.SERVER_FRAMES, 0xFF),
     ],
 )
@@ -561,3 +561,37 @@ def test_encode_json_is_compact() -> None:
     data = wire.encode_json(FrameType.WELCOME, {"a": 1, "b": [1, 2]})
     assert data[6:] == b'{"a":1,"b":[1,2]}'
     assert json.loads(data[6:]) == {"a": 1, "b": [1, 2]}
+
+
+# ---- runs (PUBN / MSGN) ----------------------------------------------------------------------------
+
+
+def test_a_run_is_a_block_head_then_length_prefixed_payloads() -> None:
+    data = wire.encode_run(b"a.b", [b"x", b"", b"yz"], headers=wire.encode_headers({"k": "v"}))
+    length, ftype, flags = wire.frames.HEADER.unpack_from(data)
+    assert (length, ftype, flags) == (len(data) - 4, wire.FrameType.PUBN, 0)
+    body = data[6:]
+    topic, reply, h0, items_at = wire.split_block(body)  # the head is a message block's
+    assert (topic, reply) == ("a.b", "")
+    assert wire.decode_headers(body[h0:items_at]) == {"k": "v"}
+    assert wire.run_count(body, items_at) == 3
+    assert wire.run_payloads(body, items_at) == [b"x", b"", b"yz"]
+    head = wire.msgn_header(7, 9, 3, len(body))
+    assert wire.frames.MSGN_HEAD.unpack(head) == (len(head) + len(body) - 4, wire.FrameType.MSGN, 0, 7, 9, 3)
+
+
+@pytest.mark.parametrize("tail", [b"", b"\x01\x00", b"\x05\x00\x00\x00abc"])
+def test_a_run_whose_items_do_not_fill_its_frame_is_refused(tail: bytes) -> None:
+    body = wire.encode_run(b"t", [b"ok"])[6:]
+    bad = body[:11] + tail if not tail else body + tail
+    with pytest.raises(RemoteProtocolError):
+        wire.run_count(bad, 9)
+    with pytest.raises(RemoteProtocolError):
+        wire.run_payloads(bad, 9)
+
+
+def test_an_empty_run_cannot_be_encoded_and_one_past_the_frame_limit_is_refused() -> None:
+    with pytest.raises(ValueError):
+        wire.encode_run(b"t", [])
+    with pytest.raises(MessageTooLargeError):
+        wire.encode_run(b"t", [b"x" * 100], max_frame=100)

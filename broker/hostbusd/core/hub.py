@@ -209,6 +209,7 @@ class Hub:
             "identity": {"uid": ident.uid, "gid": ident.gid, "pid": ident.pid,
                          **(session.principals.describe() if session.principals is not None else {})},
             "inbox": inbox,
+            "features": [wire.FEATURE_RUNS],
             "limits": {
                 "max_frame_bytes": lim.max_frame_bytes,
                 "max_subscriptions": lim.max_subscriptions_per_connection,

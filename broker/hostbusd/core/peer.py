@@ -8,7 +8,8 @@ write once. States:
 state          frames accepted                              next state
 =============  ==========================================  ==========================
 HELLO          HELLO                                        OPEN (WELCOME sent)
-OPEN           PUB, CPUB, SUB, UNSUB, PING, CALL, ACK       OPEN
+OPEN           PUB, PUBN, CPUB, SUB, UNSUB, PING, CALL,     OPEN
+               ACK
 CLOSED         none (input ignored)                         --
 =============  ==========================================  ==========================
 
@@ -45,6 +46,7 @@ _MAX_GROUP_BYTES = 255
 TURN_BUDGET = 20_000
 _PUB = int(FrameType.PUB)
 _CPUB = int(FrameType.CPUB)
+_PUBN = int(FrameType.PUBN)
 _U32_AT = wire.frames.U32.unpack_from
 _CPUB_HEAD = struct.Struct("<IHHI").unpack_from  # CPUB: pub_id, then the message block's lengths
 QUEUE_OPS = ("queue_add", "queue_info", "queue_list", "queue_delete", "queue_purge", "consumer_delete")
@@ -112,6 +114,8 @@ class PeerCore:
                     self.frames_done += 1
                     if ftype == _PUB and self.state is State.OPEN:
                         budget -= 1 + self._publish(flags, body)
+                    elif ftype == _PUBN and self.state is State.OPEN:
+                        budget -= 1 + self._publish_run(flags, body)
                     elif ftype == _CPUB and self.state is State.OPEN and len(body) >= 12:
                         if not self._cpub_fast(body):
                             pub_id = _U32_AT(body, 0)[0]
@@ -171,6 +175,29 @@ class PeerCore:
         finally:
             if confirm is not None:
                 confirm.stored_nowhere()
+
+    def _publish_run(self, flags: int, body: bytes) -> int:
+        """A PUBN: many messages on one topic, checked and routed as one (Router.publish_run)."""
+        if flags:
+            raise RemoteProtocolError(f"PUBN with flags 0x{flags:02x}: a run cannot be retained or be a request")
+        router = self.hub.router
+        topic, reply, items_at = router.check_block(body, 0)
+        if reply:
+            raise RemoteProtocolError("PUBN with a reply subject: a run carries none")
+        count = wire.run_count(body, items_at)
+        session = self.session
+        session.msgs_in += count
+        session.bytes_in += len(body)
+        access = session.access
+        if access is not None:
+            decision = access.publish(topic)
+            if not decision.allowed:
+                self.hub.denied["publish"] += count
+                self.hub.peer_error("publish_denied", session, topic=topic, rule=decision.rule, messages=count)
+                session.send(wire.encode_err(ErrorCode.PERMISSION_DENIED, 0, f"may not publish to {topics.show(topic)}"
+                                             f": {decision.rule} ({count} messages refused)", fatal=False))
+                return 0
+        return router.publish_run(session.ident, topic, body, count, items_at)
 
     def _cpub_fast(self, body: bytes) -> bool:
         """A confirmed publish in the common case, with every check of the general path
@@ -248,6 +275,9 @@ class PeerCore:
         name = hello.get("name")
         if isinstance(name, str):
             self.session.name = name[:128]
+        features = hello.get("features")
+        if isinstance(features, list):
+            self.session.takes_runs = wire.FEATURE_RUNS in features
         inbox = self.hub.open(self.session)
         self.session.send(wire.encode_json(FrameType.WELCOME, self.hub.welcome(self.session, inbox)))
         self.decoder.max_frame = self.hub.config.limits.max_frame_bytes

@@ -277,19 +277,19 @@ class Router:
         """The topic whose UTF-8 form is ``raw`` if it was checked already (else None)."""
         return self._valid_topics.get(raw)
 
-    def count(self, topic: str, nbytes: int) -> None:
-        """Count a message routed on ``topic`` (by :meth:`publish`, or by a fast path that
-        found no subscriber: PeerCore._cpub_fast)."""
+    def count(self, topic: str, nbytes: int, n: int = 1) -> None:
+        """Count ``n`` messages of ``nbytes`` in all routed on ``topic`` (by :meth:`publish`,
+        :meth:`publish_run`, or by a fast path that found no subscriber: PeerCore._cpub_fast)."""
         stats = self.stats
-        stats.msgs_in += 1
+        stats.msgs_in += n
         stats.bytes_in += nbytes
         counts = stats.topics
         if topic in counts:
-            counts[topic] += 1
+            counts[topic] += n
         elif len(counts) < self.stats_max_topics:
-            counts[topic] = 1
+            counts[topic] = n
         else:
-            stats.topics_other += 1
+            stats.topics_other += n
 
     def topic_from_wire(self, raw: bytes) -> str:
         """The topic whose UTF-8 form is ``raw``, checked with :meth:`check_topic` (cached)."""
@@ -358,3 +358,63 @@ class Router:
         if flags & wire.PUB_RETAIN and not inbox:  # replies are not kept
             self.retained.put(topic, ident, block, payload_len)  # after delivery: may raise a limit
         return n
+
+    def publish_run(self, ident: Identity, topic: str, run: bytes, count: int, items_at: int) -> int:
+        """Route a run: ``count`` messages on one ``topic`` (a checked PUBN body whose first item
+        is at ``run[items_at]``); returns the messages handed out.
+
+        The topic is matched, and a subscription's access filter applied, once for the run. A
+        plain subscription whose peer takes runs gets the run as it came (one MSGN frame); a
+        queue group, a peer that does not take runs, an inbox and the topic queues get its
+        messages one by one, each the message block ``head + payload`` (a run's head is a block's
+        head with no reply subject), so every delivery kind keeps its per-message rules.
+        """
+        stats = self.stats
+        inbox = topic.startswith(topics.INBOX_PREFIX)
+        self.count("_INBOX" if inbox else topic, len(run) - items_at + count * (items_at - 4), count)
+        blocks: list[bytes] | None = None
+        n = 0
+        if inbox:
+            owner = self.inboxes.get(topic[len(topics.INBOX_PREFIX):].split(".", 1)[0])
+            if owner is not None and owner.inbox is not None:
+                blocks = self._split_run(run, items_at)
+                for block in blocks:
+                    owner.deliver(owner.inbox, ident, block)
+                n = count
+        else:
+            for entry in self.index.match(topic):
+                if type(entry) is Subscription:
+                    if entry.acl is not None and not entry.acl.may_receive(topic):
+                        continue
+                    session = entry.session
+                    if session.takes_runs:
+                        session.deliver_run(entry, ident, run, count)
+                    else:
+                        if blocks is None:
+                            blocks = self._split_run(run, items_at)
+                        for block in blocks:
+                            session.deliver(entry, ident, block)
+                else:
+                    if blocks is None:
+                        blocks = self._split_run(run, items_at)
+                    for block in blocks:
+                        sub = entry.pick()  # type: ignore[union-attr]
+                        sub.session.deliver(sub, ident, block)
+                n += count
+        stats.deliveries += n
+        queues = self.queues
+        if queues is not None and queues.queues:
+            capturing = queues.capturing(topic)
+            if capturing:
+                if blocks is None:
+                    blocks = self._split_run(run, items_at)
+                for block in blocks:
+                    queues.capture(capturing, ident, block, len(block) - items_at, None, None)
+                n += count * len(capturing)
+        return n
+
+    @staticmethod
+    def _split_run(run: bytes, items_at: int) -> list[bytes]:
+        """The message block of each message of a run (its head, then the payload)."""
+        head = run[:items_at]
+        return [head + payload for payload in wire.run_payloads(run, items_at)]

@@ -28,6 +28,8 @@ MAX_KNOWN_SENDERS = 4096
 
 _msg_header = wire.msg_header
 _MSG_OVERHEAD = wire.HEADER_SIZE + wire.frames.MSG_PREFIX.size  # MSG frame bytes before the block
+_msgn_header = wire.msgn_header
+_MSGN_OVERHEAD = wire.frames.MSGN_HEAD.size  # MSGN frame bytes before the run
 _SENDER_RESET = wire.frame(wire.FrameType.SENDER_RESET)
 _qmsg_head = wire.frames.QMSG_HEAD.pack
 _QMSG = int(wire.FrameType.QMSG)
@@ -133,6 +135,7 @@ class Session:
         "ring_sids",
         "rings",
         "subs",
+        "takes_runs",
     )
 
     def __init__(self, ident: Identity, *, batch_bytes: int, max_queued_bytes: int) -> None:
@@ -169,6 +172,8 @@ class Session:
         self.msgs_out = 0
         self.bytes_out = 0
         self.dropped = 0
+        # The peer said it takes runs (MSGN frames); others are given a run's messages one by one.
+        self.takes_runs = False
 
     # ---- output ------------------------------------------------------------------------------
 
@@ -191,12 +196,34 @@ class Session:
             self._write_msg(sub, ident, block, flags)
             self._poke()
             return
-        missed = q.missed
         room = self.max_queued_bytes - self.queued_bytes
         if account is not None:
             room = min(room, self.account_max_queued - account.queued_bytes - account.written_bytes)
+        self._queue(sub, (ident, block, flags, 0), len(block), room)
+
+    def deliver_run(self, sub: Subscription, ident: Identity, run: bytes, count: int) -> None:
+        """Hand a run of ``count`` messages (a PUBN body) to this subscriber as one MSGN frame;
+        only for a session that :attr:`takes_runs`. Queued as one item under the policy."""
+        if self.closing:
+            return
+        q = sub.queue
+        account = self.account
+        if not self.paused and not q.items and (
+                account is None or account.queued_bytes + account.written_bytes < self.account_max_queued):
+            self._write_run(sub, ident, run, count)
+            self._poke()
+            return
+        room = self.max_queued_bytes - self.queued_bytes
+        if account is not None:
+            room = min(room, self.account_max_queued - account.queued_bytes - account.written_bytes)
+        self._queue(sub, (ident, run, 0, count), len(run), room)
+
+    def _queue(self, sub: Subscription, item: tuple[Identity, bytes, int, int], size: int, room: int) -> None:
+        q = sub.queue
+        account = self.account
+        missed = q.missed
         try:
-            delta = q.push((ident, block, flags), len(block), room)
+            delta = q.push(item, size, room)
         except Overflow:
             self.fail(
                 ErrorCode.SLOW_CONSUMER,
@@ -223,6 +250,15 @@ class Session:
             q.missed = 0
         self._append_message(_msg_header(sub.sid, ident.ref, len(block), flags), block, _MSG_OVERHEAD)
 
+    def _write_run(self, sub: Subscription, ident: Identity, run: bytes, count: int) -> None:
+        if ident.ref not in self.known:
+            self._announce(ident)
+        q = sub.queue
+        if q.missed:
+            self._append(wire.encode_gap(sub.sid, q.missed))
+            q.missed = 0
+        self._append_message(_msgn_header(sub.sid, ident.ref, count, len(run)), run, _MSGN_OVERHEAD, count)
+
     def _announce(self, ident: Identity) -> None:
         """A SENDER frame for a sender this connection does not know yet (SENDER_RESET first
         when it knows MAX_KNOWN_SENDERS)."""
@@ -232,14 +268,14 @@ class Session:
         self.known.add(ident.ref)
         self._append(ident.frame())
 
-    def _append_message(self, head: bytes, block: bytes, overhead: int) -> None:
-        """A message frame (its head, then the block as published) into ``out``, counted."""
+    def _append_message(self, head: bytes, block: bytes, overhead: int, count: int = 1) -> None:
+        """A message frame (its head, then the block or run as published) into ``out``, counted."""
         out = self.out
         out.append(head)
         out.append(block)
         n = len(block) + overhead
         self.out_bytes += n
-        self.msgs_out += 1
+        self.msgs_out += count
         if self.account is not None:
             self.account.written_bytes += n
 
@@ -298,9 +334,12 @@ class Session:
             sub = backlog[0]
             q = sub.queue
             if q.items:
-                ident, block, flags = q.pop()
+                ident, block, flags, count = q.pop()
                 self._unqueue(len(block))
-                self._write_msg(sub, ident, block, flags)
+                if count:
+                    self._write_run(sub, ident, block, count)
+                else:
+                    self._write_msg(sub, ident, block, flags)
             elif q.missed:
                 self._emit_gap(sub)
             if q.items or q.missed:

@@ -39,6 +39,43 @@ _MSG_FIXED = struct.Struct("<IQHHI")  # MSG prefix (sid, sender ref) + message b
 _QMSG_PREFIX = wire.frames.QMSG_PREFIX  # sid, sender ref, seq, deliveries, time_ns
 _CPUB_HEAD = struct.Struct("<IBBIHHI").pack  # frame head, pub_id and the message block's lengths
 _CPUB = int(FrameType.CPUB)
+_MSGN_FIXED = struct.Struct("<IQIHHI")  # MSGN prefix (sid, sender ref, count) + run head
+_RUN_START = struct.Struct("<IBBHHI").pack  # PUBN frame head + run head (length patched later)
+_pack_u32 = _U32.pack
+_pack_u32_into = _U32.pack_into
+_item_len = _U32.unpack_from
+_PUBN = int(FrameType.PUBN)
+#: A run (PUBN frame) is closed at this size; larger payloads are published on their own. A run
+#: shares one frame head, one topic check and one routing decision among its messages.
+RUN_MAX_BYTES = 128 * 1024
+RUN_MAX_ITEM = 16 * 1024
+
+
+class RunWriter:
+    """Gathers consecutive plain publishes on one topic with the same headers into one PUBN
+    frame at the end of a bytearray; any other frame appended after it closes the run."""
+
+    __slots__ = ("at", "headers", "limit", "topic")
+
+    def __init__(self) -> None:
+        self.at = -1  # where the open run's frame starts in the buffer, -1: none
+        self.topic = b""
+        self.headers = b""
+        self.limit = RUN_MAX_BYTES
+
+    def add(self, buf: bytearray, tb: bytes, hb: bytes, data: bytes) -> None:
+        at = self.at
+        if at < 0 or self.topic is not tb or self.headers != hb or len(buf) - at + 4 + len(data) > self.limit:
+            self.at = at = len(buf)
+            self.topic = tb
+            self.headers = hb
+            buf += _RUN_START(0, _PUBN, 0, len(tb), 0, len(hb))
+            buf += tb
+            if hb:
+                buf += hb
+        buf += _pack_u32(len(data))
+        buf += data
+        _pack_u32_into(buf, at, len(buf) - at - 4)
 
 
 class Waiter(Protocol):
@@ -145,6 +182,7 @@ class ClientCore:
         self.welcome_waiter: Waiter | None = None
         self.inbox = ""
         self.max_frame = wire.HANDSHAKE_MAX_FRAME
+        self.runs_ok = False  # the broker takes runs (PUBN): its WELCOME says so
         self.senders: dict[int, Sender] = {}
         self.sinks: dict[int, Sink] = {}
         self.rings: dict[int, Any] = {}  # ring id -> the shared-memory rings of this connection (hostbus.shm)
@@ -191,7 +229,19 @@ class ClientCore:
             self._next_id = first + n  # some are in use: try the next run
 
     def hello(self) -> bytes:
-        return wire.encode_hello(self.name, CLIENT_NAME, wire.PROTOCOL_VERSION)
+        return wire.encode_hello(self.name, CLIENT_NAME, wire.PROTOCOL_VERSION, (wire.FEATURE_RUNS,))
+
+    def plain(self, topic: str, data: bytes | bytearray | memoryview | str,
+              headers: dict[str, str] | None) -> tuple[bytes, bytes, bytes] | None:
+        """(topic, headers block, payload) of a publish that may join a run, or None if it goes
+        in a PUB frame of its own (a large payload, or a broker without runs)."""
+        if isinstance(data, str):
+            data = data.encode()
+        elif not isinstance(data, bytes):
+            data = bytes(data)
+        if len(data) > RUN_MAX_ITEM or not self.runs_ok:
+            return None
+        return self.topic_bytes(topic), wire.encode_headers(headers) if headers else b"", data
 
     def topic_bytes(self, topic: str) -> bytes:
         b = self._topic_bytes.get(topic)
@@ -345,6 +395,8 @@ class ClientCore:
                 for ftype, flags, body in frames:
                     if ftype == FrameType.MSG:
                         self._msg(flags, body, batches)
+                    elif ftype == FrameType.MSGN:
+                        self._msgn(body, batches)
                     elif ftype == FrameType.QMSG:
                         self._qmsg(body, batches)
                     else:
@@ -395,6 +447,53 @@ class ClientCore:
             batches[sid] = [msg]
         else:
             batch.append(msg)
+
+    def _msgn(self, body: bytes, batches: dict[int, list[Message]]) -> None:
+        """A run: ``count`` messages on one topic from one sender, with the same headers."""
+        if len(body) < 24:
+            raise RemoteProtocolError("MSGN frame too short for its 16-byte prefix and 8-byte run head")
+        sid, ref, count, tlen, rlen, hlen = _MSGN_FIXED.unpack_from(body, 0)
+        t1 = 24 + tlen
+        pos = t1 + hlen
+        end = len(body)
+        if rlen or pos > end:
+            raise RemoteProtocolError("MSGN run head declares a reply subject, or more bytes than follow")
+        raw_topic = body[24:t1]
+        topic = self._topic_str.get(raw_topic)
+        if topic is None:
+            topic = wire.split_block(body[16:pos])[0]  # decodes and checks UTF-8
+            if len(self._topic_str) >= _TOPIC_CACHE:
+                self._topic_str.clear()
+            self._topic_str[raw_topic] = topic
+        sender = self.senders.get(ref)
+        if sender is None:
+            raise RemoteProtocolError(f"MSGN names sender {ref}, which was never announced")
+        headers = wire.decode_headers(body[t1:pos]) if hlen else None
+        respond = self.respond
+        msgs: list[Message] = []
+        append = msgs.append
+        try:
+            for _ in range(count):
+                n = _item_len(body, pos)[0]
+                pos += 4
+                append(Message(topic, body[pos:pos + n], dict(headers) if headers else {}, sender, None, sid, False,
+                               respond))
+                pos += n
+        except struct.error:
+            raise RemoteProtocolError("MSGN ends inside an item length") from None
+        if pos != end:
+            raise RemoteProtocolError(f"MSGN items end {pos - end} bytes off the end of its frame")
+        if sid == 0:
+            for msg in msgs:
+                waiter = self.requests.pop(topic, None)
+                if waiter is not None:
+                    _settle(waiter, msg)
+            return
+        batch = batches.get(sid)
+        if batch is None:
+            batches[sid] = msgs
+        else:
+            batch += msgs
 
     def _qmsg(self, body: bytes, batches: dict[int, list[Message]]) -> None:
         """A message of a topic-queue consumer: a MSG with its seq, delivery count and time."""
@@ -468,6 +567,8 @@ class ClientCore:
             self.welcome = welcome = wire.decode_json_obj(body)
             self.inbox = str(welcome.get("inbox", ""))
             self.max_frame = int(welcome.get("limits", {}).get("max_frame_bytes", self.max_frame))
+            features = welcome.get("features")
+            self.runs_ok = isinstance(features, list) and wire.FEATURE_RUNS in features
             if self.welcome_waiter is not None:
                 _settle(self.welcome_waiter, welcome)
 

@@ -18,7 +18,7 @@ from types import TracebackType
 from typing import Any
 
 from hostbus import paths, wire
-from hostbus._core import ClientCore, SubscriptionState, as_hostbus_error
+from hostbus._core import ClientCore, RunWriter, SubscriptionState, as_hostbus_error
 from hostbus.client import DEFAULT_CONTROL_TIMEOUT, DEFAULT_PENDING_LIMIT
 from hostbus.errors import ClosedError, ConnectionLostError, HostbusError, RingClosedError
 from hostbus.errors import TimeoutError as HostbusTimeoutError
@@ -151,8 +151,8 @@ class Bus:
         self._core.on_error = error_cb
         self._core.answer = self._answer
         self._transport: asyncio.Transport | None = None
-        self._out: list[bytes] = []
-        self._out_bytes = 0
+        self._out = bytearray()  # frames for the next write, a run (PUBN) possibly open at its end
+        self._run = RunWriter()
         self._flush_scheduled = False
         self._paused = False
         self._closing = False
@@ -197,9 +197,9 @@ class Bus:
         if self._transport is None or self._closing:
             raise self._core.lost or ClosedError("the connection is closed")
         if self._core.pending_acks:  # answers given before this frame go before it
-            self._out.append(self._core.take_acks())
-        self._out.append(frame)
-        self._out_bytes += len(frame)
+            self._out += self._core.take_acks()
+        self._out += frame
+        self._run.at = -1
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._write)
@@ -207,11 +207,11 @@ class Bus:
     def _write(self) -> None:
         self._flush_scheduled = False
         if self._core.pending_acks:
-            self._out.append(self._core.take_acks())
-        out, self._out = self._out, []
-        self._out_bytes = 0
+            self._out += self._core.take_acks()
+        out, self._out = self._out, bytearray()
+        self._run.at = -1
         if out and self._transport is not None and not self._transport.is_closing():
-            self._transport.write(b"".join(out))
+            self._transport.write(out)
 
     async def publish(self, topic: str, data: bytes | str = b"", headers: dict[str, str] | None = None,
                       retain: bool = False, reply_to: str | None = None, confirm: bool = False,
@@ -230,13 +230,26 @@ class Bus:
                 raise ValueError("a confirmed publish cannot be retained or carry a reply subject")
             fut = await self.publish_async(topic, data, headers)
             return await _wait(fut, timeout, f"confirm of a publish on {topic!r}")  # type: ignore[no-any-return]
-        self._core.check()
-        self._send(self._core.pub(topic, data, headers, retain, reply_to or ""))
+        core = self._core
+        core.check()
+        plain = None if retain or reply_to else core.plain(topic, data, headers)
+        if plain is None:
+            self._send(core.pub(topic, data, headers, retain, reply_to or ""))
+        else:
+            if self._transport is None or self._closing:
+                raise core.lost or ClosedError("the connection is closed")
+            if core.pending_acks:  # answers given before this message go before it
+                self._out += core.take_acks()
+                self._run.at = -1
+            self._run.add(self._out, *plain)
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._loop.call_soon(self._write)
         await self._after_send()
         return None
 
     async def _after_send(self) -> None:
-        if self._out_bytes >= _WRITE_BATCH:
+        if len(self._out) >= _WRITE_BATCH:
             self._write()
         if self._paused:
             w: asyncio.Future[None] = self._loop.create_future()

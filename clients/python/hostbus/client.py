@@ -21,7 +21,7 @@ from types import TracebackType
 from typing import Any
 
 from hostbus import paths
-from hostbus._core import ClientCore, SubscriptionState, as_hostbus_error
+from hostbus._core import ClientCore, RunWriter, SubscriptionState, as_hostbus_error
 from hostbus.errors import ClosedError, ConnectionLostError, HostbusError
 from hostbus.errors import TimeoutError as HostbusTimeoutError
 from hostbus.message import Message
@@ -131,6 +131,7 @@ class Bus:
         self._lock = threading.RLock()  # guards core registration tables and ids
         self._wcond = threading.Condition()
         self._wbuf = bytearray()
+        self._run = RunWriter()  # the run (PUBN) being gathered at the end of _wbuf
         self._sending = False  # a sendall is in progress (the writer's, or a caller's: _send_now)
         self._max_buffer = max_buffer
         self._closing = False
@@ -183,8 +184,26 @@ class Bus:
                 raise ValueError("a confirmed publish cannot be retained or carry a reply subject")
             return _wait(self.publish_async(topic, data, headers), timeout,  # type: ignore[no-any-return]
                          f"confirm of a publish on {topic!r}")
-        self._core.check()
-        self._send(self._core.pub(topic, data, headers, retain, reply_to or ""))
+        core = self._core
+        core.check()
+        plain = None if retain or reply_to else core.plain(topic, data, headers)
+        if plain is None:
+            self._send(core.pub(topic, data, headers, retain, reply_to or ""))
+            return None
+        with self._wcond:
+            if self._closing:
+                raise core.lost or ClosedError("the connection is closed")
+            while len(self._wbuf) >= self._max_buffer:
+                self._wcond.wait()
+                if self._closing:
+                    raise core.lost or ClosedError("the connection is closed")
+            was_empty = not self._wbuf
+            if core.pending_acks:  # answers given before this message go before it
+                self._wbuf += core.take_acks()
+                self._run.at = -1
+            self._run.add(self._wbuf, *plain)
+            if was_empty:
+                self._wcond.notify_all()
         return None
 
     def publish_async(self, topic: str, data: bytes | str = b"",
@@ -450,6 +469,7 @@ class Bus:
             if self._core.pending_acks:  # answers given before this frame go before it
                 self._wbuf += self._core.take_acks()
             self._wbuf += frame
+            self._run.at = -1
             if was_empty:
                 self._wcond.notify_all()
 
@@ -464,6 +484,7 @@ class Bus:
                 self._wbuf += self._core.take_acks()
             if self._wbuf or self._sending:
                 self._wbuf += frame
+                self._run.at = -1
                 self._wcond.notify_all()
                 return
             self._sending = True
@@ -504,6 +525,7 @@ class Bus:
                 if not self._wbuf:
                     return  # closing with nothing left to send
                 data, self._wbuf = self._wbuf, bytearray()
+                self._run.at = -1
                 self._sending = True
                 self._wcond.notify_all()  # room for blocked publishers
             try:

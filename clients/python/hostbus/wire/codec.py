@@ -31,6 +31,8 @@ from hostbus.wire.frames import (
     MAX_HEADERS_BYTES,
     MSG_BLOCK,
     MSG_HEAD,
+    MSGN_HEAD,
+    RUN_ITEM,
     SENDER,
     STORED_HEAD,
     STORED_ITEM,
@@ -57,6 +59,9 @@ _unpack_header = HEADER.unpack_from
 _pack_header = HEADER.pack
 _pack_msg_head = MSG_HEAD.pack
 _MSG = int(FrameType.MSG)
+_pack_msgn_head = MSGN_HEAD.pack
+_MSGN = int(FrameType.MSGN)
+_item_len = RUN_ITEM.unpack_from
 
 
 class Decoder:
@@ -228,6 +233,66 @@ def encode_pub(
     )
 
 
+def encode_run(topic: bytes, payloads: list[bytes], headers: bytes = b"", max_frame: int = 0) -> bytes:
+    """A PUBN frame: every payload of ``payloads`` (at least one) published on ``topic`` with the
+    same ``headers`` (an encoded headers block). Raises MessageTooLargeError past ``max_frame``."""
+    if not payloads:
+        raise ValueError("a run holds at least one message")
+    parts = [b"", MSG_BLOCK.pack(len(topic), 0, len(headers)), topic, headers]
+    pack = RUN_ITEM.pack
+    for data in payloads:
+        parts.append(pack(len(data)))
+        parts.append(data)
+    length = 2 + sum(len(p) for p in parts)
+    if max_frame and length > max_frame:
+        raise MessageTooLargeError(f"run of {len(payloads)} messages, {length} bytes framed, exceeds the broker's "
+                                   f"limit of {max_frame}")
+    parts[0] = _pack_header(length, FrameType.PUBN, 0)
+    return b"".join(parts)
+
+
+def run_count(body: bytes, pos: int) -> int:
+    """The number of items of the run whose first item is at ``body[pos]``; checks that they
+    fill the body exactly (RemoteProtocolError if not, or if there is none)."""
+    end = len(body)
+    n = 0
+    try:
+        while pos < end:
+            pos += 4 + _item_len(body, pos)[0]
+            n += 1
+    except struct.error:
+        raise RemoteProtocolError("a run's item length is cut off at the end of its frame") from None
+    if pos != end:
+        raise RemoteProtocolError(f"a run's last item runs {pos - end} bytes past the end of its frame")
+    if n == 0:
+        raise RemoteProtocolError("a run with no message")
+    return n
+
+
+def run_payloads(body: bytes, pos: int) -> list[bytes]:
+    """The payloads of the run whose first item is at ``body[pos]`` (its lengths checked)."""
+    end = len(body)
+    out = []
+    try:
+        while pos < end:
+            n = _item_len(body, pos)[0]
+            pos += 4
+            out.append(body[pos:pos + n])
+            pos += n
+    except struct.error:
+        raise RemoteProtocolError("a run's item length is cut off at the end of its frame") from None
+    if pos != end:
+        raise RemoteProtocolError(f"a run's last item runs {pos - end} bytes past the end of its frame")
+    if not out:
+        raise RemoteProtocolError("a run with no message")
+    return out
+
+
+def msgn_header(sid: int, sender_ref: int, count: int, run_len: int) -> bytes:
+    """The MSGN frame up to the run; the run (a PUBN body) follows it unchanged."""
+    return _pack_msgn_head(run_len + 18, _MSGN, 0, sid, sender_ref, count)
+
+
 def encode_ack(sid: int, items: list[tuple[int, int, int]]) -> bytes:
     """An ACK frame: answers (kind, seq, delay_ms) about messages of the consumer ``sid``."""
     return frame(FrameType.ACK, U32.pack(sid) + b"".join(ACK_ITEM.pack(*item) for item in items))
@@ -262,8 +327,11 @@ def encode_stored(first: int, count: int, seqs: Mapping[str, int]) -> bytes:
     return frame(FrameType.STORED, bytes(body))
 
 
-def encode_hello(name: str | None, client: str, protocol: int) -> bytes:
-    return encode_json(FrameType.HELLO, {"protocol": protocol, "name": name, "client": client})
+def encode_hello(name: str | None, client: str, protocol: int, features: tuple[str, ...] = ()) -> bytes:
+    hello: dict[str, Any] = {"protocol": protocol, "name": name, "client": client}
+    if features:
+        hello["features"] = list(features)
+    return encode_json(FrameType.HELLO, hello)
 
 
 def encode_sub(sid: int, options: Mapping[str, Any]) -> bytes:

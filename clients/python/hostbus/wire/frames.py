@@ -43,6 +43,17 @@ ACK_ITEM = struct.Struct("<BQI")
 #: each named queue.
 STORED_HEAD = struct.Struct("<II")
 STORED_ITEM = struct.Struct("<QB")
+#: PUBN (a run: many messages on one topic in one frame): ``u16 topic_len, u16 zero, u32
+#: headers_len``, topic, headers, then one or more items ``u32 payload_len, payload``. The head
+#: is a message block's with no reply subject, so ``head + payload`` is each message's block.
+RUN_HEAD = MSG_BLOCK
+RUN_ITEM = struct.Struct("<I")
+#: MSGN prefix: ``u32 sid, u64 sender_ref, u32 count``, then the PUBN body unchanged.
+MSGN_PREFIX = struct.Struct("<IQI")
+#: The whole MSGN frame before the run, packed in one call: header + MSGN_PREFIX.
+MSGN_HEAD = struct.Struct("<IBBIQI")
+#: Capability a HELLO or WELCOME lists under "features": this side takes runs (MSGN; PUBN).
+FEATURE_RUNS = "runs"
 #: A u32 (sid of SUB/UNSUB/OK, token of PING/PONG, id of CALL/RESULT).
 U32 = struct.Struct("<I")
 #: Headers block: ``u16 count`` then per header ``u16 key_len, u16 value_len, key, value``.
@@ -63,6 +74,7 @@ class FrameType(enum.IntEnum):
     CALL = 0x06
     CPUB = 0x07
     ACK = 0x08
+    PUBN = 0x09
     # broker -> client
     WELCOME = 0x81
     MSG = 0x82
@@ -76,6 +88,7 @@ class FrameType(enum.IntEnum):
     RESULT = 0x8A
     STORED = 0x8B
     QMSG = 0x8C
+    MSGN = 0x8D
 
 
 CLIENT_FRAMES = frozenset(t for t in FrameType if t < 0x80)
