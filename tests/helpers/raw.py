@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 
 from hostbus import wire
 
 
 class RawClient:
-    def __init__(self, path: Path, hello: bool = True) -> None:
+    def __init__(self, path: Path, hello: bool = True, features: tuple[str, ...] = ()) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.connect(str(path))
         self.decoder = wire.Decoder(wire.SERVER_FRAMES, 1 << 30)
         self.frames: list[wire.Frame] = []
         self.closed = False
         if hello:
-            self.send(wire.encode_hello("raw", "raw-test", wire.PROTOCOL_VERSION))
+            self.send(wire.encode_hello("raw", "raw-test", wire.PROTOCOL_VERSION, features))
             welcome = self.read_until(wire.FrameType.WELCOME)
             assert welcome is not None, "no WELCOME"
 
@@ -42,6 +43,23 @@ class RawClient:
                 continue
             self.decoder.feed(data)
             self.frames += self.decoder.frames()
+
+    def read_for(self, seconds: float) -> list[wire.Frame]:
+        """Every frame that arrives within ``seconds`` (and those read before), taken."""
+        end = time.monotonic() + seconds
+        while not self.closed and (left := end - time.monotonic()) > 0:
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(1 << 20)
+            except TimeoutError:
+                break
+            if not data:
+                self.closed = True
+                break
+            self.decoder.feed(data)
+            self.frames += self.decoder.frames()
+        frames, self.frames = self.frames, []
+        return frames
 
     def read_to_close(self, timeout: float = 10.0) -> list[wire.Frame]:
         self.read_until(None, timeout)

@@ -54,6 +54,20 @@ CASES: dict[str, tuple[bool, Callable[[], bytes], int, str]] = {
     "half_frame_then_stall": (True, lambda: wire.encode_pub(b"a", b"x" * 100)[:20], ErrorCode.TIMEOUT,
                               "incomplete"),
     "no_hello_at_all": (False, lambda: b"", ErrorCode.TIMEOUT, "no HELLO"),
+    # Runs (PUBN): every item must be whole and fill the frame; no flags, no reply subject.
+    "run_with_no_message": (True, lambda: wire.frame(wire.FrameType.PUBN, MSG_BLOCK.pack(1, 0, 0) + b"a"),
+                            ErrorCode.PROTOCOL, "no message"),
+    "run_item_past_end": (True, lambda: wire.frame(wire.FrameType.PUBN, MSG_BLOCK.pack(1, 0, 0) + b"a"
+                                                   + struct.pack("<I", 10) + b"abc"), ErrorCode.PROTOCOL,
+                          "past the end"),
+    "run_item_length_cut": (True, lambda: wire.frame(wire.FrameType.PUBN, MSG_BLOCK.pack(1, 0, 0) + b"a"
+                                                     + struct.pack("<I", 1) + b"x\x01\x00"), ErrorCode.PROTOCOL,
+                            "cut off"),
+    "run_with_flags": (True, lambda: wire.frame(wire.FrameType.PUBN, wire.encode_run(b"a", [b"x"])[6:],
+                                                flags=wire.PUB_RETAIN), ErrorCode.PROTOCOL, "cannot be retained"),
+    "run_with_reply": (True, lambda: wire.frame(wire.FrameType.PUBN, MSG_BLOCK.pack(1, 1, 0) + b"ab"
+                                                + struct.pack("<I", 1) + b"x"), ErrorCode.PROTOCOL, "reply"),
+    "run_invalid_topic": (True, lambda: wire.encode_run(b"a..b", [b"x"]), ErrorCode.INVALID_TOPIC, "empty token"),
 }
 
 

@@ -197,7 +197,7 @@ class PeerCore:
                 session.send(wire.encode_err(ErrorCode.PERMISSION_DENIED, 0, f"may not publish to {topics.show(topic)}"
                                              f": {decision.rule} ({count} messages refused)", fatal=False))
                 return 0
-        return router.publish_run(session.ident, topic, body, count, items_at)
+        return router.publish_run(session.ident, topic, body, count, items_at, session)
 
     def _cpub_fast(self, body: bytes) -> bool:
         """A confirmed publish in the common case, with every check of the general path

@@ -359,9 +359,11 @@ class Router:
             self.retained.put(topic, ident, block, payload_len)  # after delivery: may raise a limit
         return n
 
-    def publish_run(self, ident: Identity, topic: str, run: bytes, count: int, items_at: int) -> int:
+    def publish_run(self, ident: Identity, topic: str, run: bytes, count: int, items_at: int,
+                    origin: Session | None = None) -> int:
         """Route a run: ``count`` messages on one ``topic`` (a checked PUBN body whose first item
-        is at ``run[items_at]``); returns the messages handed out.
+        is at ``run[items_at]``); returns the messages handed out. ``origin``, the publishing
+        session, is told what a topic queue refuses (as for :meth:`publish`).
 
         The topic is matched, and a subscription's access filter applied, once for the run. A
         plain subscription whose peer takes runs gets the run as it came (one MSGN frame); a
@@ -409,7 +411,7 @@ class Router:
                 if blocks is None:
                     blocks = self._split_run(run, items_at)
                 for block in blocks:
-                    queues.capture(capturing, ident, block, len(block) - items_at, None, None)
+                    queues.capture(capturing, ident, block, len(block) - items_at, origin, None)
                 n += count * len(capturing)
         return n
 

@@ -123,6 +123,16 @@ class RingSession(Session):
                        block)
         self.msgs_out += 1
 
+    def _write_run(self, sub: Subscription, ident: Identity, run: bytes, count: int) -> None:
+        """A run record: the run as it came, behind the same head as a message's record."""
+        if sub.queue.missed:
+            self._emit_gap(sub)
+        origin = ident.origin.encode()
+        self._out_pair(layout.DELIVER_RECORD.pack(len(run), layout.RUN_FLAG, sub.sid, ident.uid & 0xFFFFFFFF,
+                                                  ident.gid & 0xFFFFFFFF, ident.pid & 0xFFFFFFFF, len(origin)) + origin,
+                       run)
+        self.msgs_out += count
+
     def _out_pair(self, head: bytes, block: bytes) -> None:
         self.out.append(head)
         self.out.append(block)
@@ -267,6 +277,7 @@ class Ring(LoopEgress):
             self.session = RingSession(owner.ident, batch_bytes=self.slot_size,
                                        max_queued_bytes=lim.max_queued_bytes_per_connection)
             self.session.egress = self
+            self.session.takes_runs = True  # run records (the client's DeliverRing reads them)
             # Charged to the owner's uid like its socket subscriptions: subscriptions and bytes held.
             self.session.account = owner.account
             self.session.account_max_queued = owner.account_max_queued
@@ -306,25 +317,32 @@ class Ring(LoopEgress):
                 for flags, block in self._records(off):
                     if self.state != "running":  # routing made the owner fail: the ring is gone
                         return
-                    budget -= 1
-                    topic, reply, h1 = router.check_block(block, flags)
+                    run = flags & layout.RUN_FLAG
+                    if run and flags != layout.RUN_FLAG:
+                        raise layout.RingFormatError(f"a run record with flags 0x{flags:02x}: a run takes no other")
+                    topic, reply, h1 = router.check_block(block, flags & ~layout.RUN_FLAG)
                     if reply:
                         raise layout.RingFormatError("a message through a ring carries no reply subject")
+                    count = wire.run_count(block, h1) if run else 1
+                    budget -= count
                     access = owner.access
                     if access is not None:
                         decision = access.publish(topic)
                         if not decision.allowed:
-                            self.hub.denied["publish"] += 1
+                            self.hub.denied["publish"] += count
                             self.hub.peer_error("publish_denied", owner, topic=topic, rule=decision.rule, ring=self.id)
                             owner.send(wire.encode_err(ErrorCode.PERMISSION_DENIED, 0, f"may not publish to "
                                                        f"{show(topic)}: {decision.rule}", fatal=False))
                             continue
-                    owner.msgs_in += 1
+                    owner.msgs_in += count
                     owner.bytes_in += len(block)
-                    self.msgs_in += 1
+                    self.msgs_in += count
                     try:
-                        budget -= router.publish(owner.ident, topic, block, flags & ~wire.PUB_REQUEST, "",
-                                                 len(block) - h1, owner)
+                        if run:
+                            budget -= router.publish_run(owner.ident, topic, block, count, h1, owner)
+                        else:
+                            budget -= router.publish(owner.ident, topic, block, flags & ~wire.PUB_REQUEST, "",
+                                                     len(block) - h1, owner)
                     except HostbusError as exc:  # the retained store is full: tell, go on
                         owner.send(wire.encode_err(exc.code or ErrorCode.LIMIT, 0, str(exc), fatal=False))
         except (layout.RingFormatError, HostbusError, struct.error, ValueError) as exc:

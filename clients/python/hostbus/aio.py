@@ -508,6 +508,8 @@ class ShmPublisher:
     async def publish(self, topic: str, data: bytes | bytearray | memoryview | str = b"",
                       headers: dict[str, str] | None = None, retain: bool = False) -> None:
         ring = self.ring
+        if not retain and ring.join(topic, data, headers):
+            return
         for _ in ring.steps(ring.record(topic, data, headers, retain)):
             await self._take()
 

@@ -18,6 +18,11 @@ then a message block as in a PUB frame. Record in a deliver ring (broker -> clie
 ``u32 block_len, u8 flags, u32 sid, u32 uid, u32 gid, u32 pid, u16 origin_len``, the origin,
 then the message block as in a MSG frame. A deliver record with flag ``GAP_FLAG`` carries no
 message: its ``uid`` field is the number of messages the subscription missed (as a GAP frame).
+
+A record with flag ``RUN_FLAG`` (and no other) carries a run instead of a message block: many
+messages on one topic, laid out as the body of a PUBN frame (docs/protocol.md, section 22).
+A publisher gathers consecutive plain messages on one topic into one run record of its open
+slot; the broker forwards runs to deliver rings as run records too.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ PUB_RECORD = struct.Struct("<IB")
 DELIVER_RECORD = struct.Struct("<IBIIIIH")
 #: Flag of a deliver record that is a GAP: no message, ``uid`` holds how many were dropped.
 GAP_FLAG = 0x80
+#: Flag of a record whose block is a run (a PUBN body) rather than one message block.
+RUN_FLAG = 0x40
 
 #: Smallest slot: room for the head and a small message.
 MIN_SLOT_SIZE = 256

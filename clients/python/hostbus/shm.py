@@ -67,6 +67,8 @@ def fetch_fd(path: str, token: str, timeout: float = 10.0) -> int:
 _MSG_BLOCK = wire.frames.MSG_BLOCK
 #: A publish record's fixed part and the message block's, packed at once.
 _RECORD_HEAD = struct.Struct("<IBHHI")
+_U32 = struct.Struct("<I")
+_RUN_ITEM_MAX = 16 * 1024  # larger payloads go as records of their own
 
 
 class _Ring:
@@ -135,6 +137,11 @@ class RingWriter(_Ring):
         super().__init__(res, fd, check)
         self.writer = layout.SlotWriter(self.mm, self.slots, self.slot_size)
         self._topics: dict[str, bytes] = {}
+        # The run record open in the current slot: where it starts, its slot, topic and headers.
+        self.run_at = -1
+        self.run_slot = -1
+        self.run_topic = b""
+        self.run_headers = b""
 
     @property
     def written(self) -> int:
@@ -144,7 +151,8 @@ class RingWriter(_Ring):
     def record(self, topic: str, data: bytes | bytearray | memoryview | str, headers: dict[str, str] | None,
                retain: bool) -> tuple[bytes, bytes | bytearray | memoryview]:
         """A publish record as (head, payload), checked: MessageTooLargeError before anything is
-        written. The payload is written into the slot from where it is."""
+        written. The payload is written into the slot from where it is. A plain message that
+        fits a slot opens a run record, which the next ones on its topic may join (:meth:`join`)."""
         if self.closed is not None:
             raise self.closed_error()
         if isinstance(data, str):
@@ -160,7 +168,37 @@ class RingWriter(_Ring):
         if size > self.max_message_bytes:
             raise MessageTooLargeError(f"message of {size} bytes exceeds the ring's limit of "
                                        f"{self.max_message_bytes} (shm.max_message_bytes); nothing was written")
+        self.run_at = -1
+        if not retain and len(data) <= _RUN_ITEM_MAX and size + 9 <= self.writer.cap:
+            self.run_topic = tb
+            self.run_headers = hb
+            return _RECORD_HEAD.pack(size + 4, layout.RUN_FLAG, len(tb), 0, len(hb)) + tb + hb + _U32.pack(
+                len(data)), data
         return _RECORD_HEAD.pack(size, wire.PUB_RETAIN if retain else 0, len(tb), 0, len(hb)) + tb + hb, data
+
+    def join(self, topic: str, data: bytes | bytearray | memoryview | str, headers: dict[str, str] | None) -> bool:
+        """Add a plain message to the run record open in the current slot if it is on the same
+        topic with the same headers and fits; False (nothing written) if not."""
+        w = self.writer
+        if self.run_slot != w.next or not w.opened or self.closed is not None:
+            return False
+        if self._topics.get(topic) is not self.run_topic or (
+                (wire.encode_headers(headers) if headers else b"") != self.run_headers):
+            return False
+        if isinstance(data, str):
+            data = data.encode()
+        n = 4 + len(data)
+        if len(data) > _RUN_ITEM_MAX or not w.fits(n) or (
+                8 + len(self.run_topic) + len(self.run_headers) + len(data) > self.max_message_bytes):
+            return False
+        mm = w.mm
+        pos = w.pos
+        _U32.pack_into(mm, pos, len(data))
+        mm[pos + 4:pos + n] = data
+        w.pos = pos + n
+        at = self.run_at
+        _U32.pack_into(mm, at, _U32.unpack_from(mm, at)[0] + n)
+        return True
 
     def slots_to_take(self, record: tuple[bytes, Any]) -> int:
         """Before writing ``record``: hand over the open slot if the record does not fit in it;
@@ -198,6 +236,9 @@ class RingWriter(_Ring):
                 self.filled.release()
         else:
             w.add(record)
+            if record[0][4] == layout.RUN_FLAG:  # a run record opened: later messages may join it
+                self.run_at = w.pos - len(record[0]) - len(record[1])
+                self.run_slot = w.next
 
     def take(self) -> None:
         """Take a free slot, waiting (ConnectionLostError if the broker goes meanwhile)."""
@@ -254,6 +295,8 @@ class ShmPublisher:
                 headers: dict[str, str] | None = None, retain: bool = False) -> None:
         """Put one message in the ring (returns once it is in shared memory, maybe not yet posted)."""
         ring = self.ring
+        if not retain and ring.join(topic, data, headers):
+            return
         for _ in ring.steps(ring.record(topic, data, headers, retain)):
             ring.take()
 
@@ -377,6 +420,8 @@ class DeliverRing(_Ring):
         h1 = h0 + hlen
         if h1 > end:
             raise layout.RingFormatError("message block longer than its record")
+        if flags & layout.RUN_FLAG and rlen:
+            raise layout.RingFormatError("a run record with a reply subject")
         raw_topic = buf[t0:r0]
         topics_seen = self._topics
         topic = topics_seen.get(raw_topic)
@@ -390,14 +435,26 @@ class DeliverRing(_Ring):
             if len(self._senders) >= 4096:
                 self._senders.clear()
             sender = self._senders[key] = Sender(uid, gid, pid, key[3].decode(errors="replace"))
-        msg = Message(topic, buf[h1:end], wire.decode_headers(buf[h0:h1]) if hlen else {}, sender,
-                      buf[r0:h0].decode(errors="replace") if rlen else None, sid, bool(flags & wire.MSG_RETAINED),
-                      self.respond)
         batch = batches.get(sid)
         if batch is None:
-            batches[sid] = [msg]
-        else:
-            batch.append(msg)
+            batch = batches[sid] = []
+        if flags & layout.RUN_FLAG:  # a run: u32 length + payload, up to the end of the record
+            headers = wire.decode_headers(buf[h0:h1]) if hlen else None
+            respond = self.respond
+            append = batch.append
+            pos = h1
+            while pos < end:
+                n = _U32.unpack_from(buf, pos)[0]
+                pos += 4
+                if pos + n > end:
+                    raise layout.RingFormatError("a run's item runs past the end of its record")
+                append(Message(topic, buf[pos:pos + n], dict(headers) if headers else {}, sender, None, sid, False,
+                               respond))
+                pos += n
+            return
+        batch.append(Message(topic, buf[h1:end], wire.decode_headers(buf[h0:h1]) if hlen else {}, sender,
+                             buf[r0:h0].decode(errors="replace") if rlen else None, sid,
+                             bool(flags & wire.MSG_RETAINED), self.respond))
 
     def close(self) -> None:
         self._stop = True
