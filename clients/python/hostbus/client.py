@@ -14,6 +14,7 @@ import concurrent.futures
 import contextlib
 import os
 import socket as _socket
+import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ from types import TracebackType
 from typing import Any
 
 from hostbus import paths
-from hostbus._core import ClientCore, RunWriter, SubscriptionState, as_hostbus_error
+from hostbus._core import RUN_MAX_ITEM, ClientCore, RunWriter, SubscriptionState, as_hostbus_error
 from hostbus.errors import ClosedError, ConnectionLostError, HostbusError
 from hostbus.errors import TimeoutError as HostbusTimeoutError
 from hostbus.message import Message
@@ -35,6 +36,8 @@ DEFAULT_PENDING_LIMIT = 65536
 #: Seconds to wait for the broker to answer HELLO, SUB, PING or CALL.
 DEFAULT_CONTROL_TIMEOUT = 10.0
 _RECV_SIZE = 256 * 1024
+_pack_u32 = struct.Struct("<I").pack
+_pack_u32_into = struct.Struct("<I").pack_into
 
 
 def _wait(fut: concurrent.futures.Future[Any], timeout: float | None, what: str) -> Any:
@@ -129,7 +132,8 @@ class Bus:
         self._core.on_error = error_cb
         self._core.answer = self._answer
         self._lock = threading.RLock()  # guards core registration tables and ids
-        self._wcond = threading.Condition()
+        self._wlock = threading.RLock()
+        self._wcond = threading.Condition(self._wlock)
         self._wbuf = bytearray()
         self._run = RunWriter()  # the run (PUBN) being gathered at the end of _wbuf
         self._sending = False  # a sendall is in progress (the writer's, or a caller's: _send_now)
@@ -185,6 +189,22 @@ class Bus:
             return _wait(self.publish_async(topic, data, headers), timeout,  # type: ignore[no-any-return]
                          f"confirm of a publish on {topic!r}")
         core = self._core
+        run = self._run
+        if (headers is None and type(data) is bytes and not (retain or reply_to or confirm) and run.at >= 0
+                and core._topic_bytes.get(topic) is run.topic):
+            # The common case, kept short: one more message joins the run open at the end of the
+            # buffer (same topic, no headers; checked again under the lock).
+            n = len(data)
+            with self._wlock:
+                wbuf = self._wbuf
+                at = run.at
+                if (at >= 0 and run.topic is core._topic_bytes.get(topic) and not run.headers and not self._closing
+                        and len(wbuf) < self._max_buffer and not core.pending_acks and n <= RUN_MAX_ITEM
+                        and len(wbuf) - at + 4 + n <= run.limit):
+                    wbuf += _pack_u32(n)
+                    wbuf += data
+                    _pack_u32_into(wbuf, at, len(wbuf) - at - 4)
+                    return None
         core.check()
         plain = None if retain or reply_to else core.plain(topic, data, headers)
         if plain is None:
