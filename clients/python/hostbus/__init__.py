@@ -33,7 +33,7 @@ from hostbus.errors import (
     StorageError,
     TimeoutError,
 )
-from hostbus.message import Message, Sender
+from hostbus.message import Message, QueueMessage, Sender
 
 __version__ = "0.1.0"
 
@@ -51,6 +51,7 @@ __all__ = [
     "LocalProtocolError",
     "Message",
     "MessageTooLargeError",
+    "QueueMessage",
     "NoRespondersError",
     "NotFoundError",
     "PermissionDeniedError",

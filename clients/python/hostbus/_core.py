@@ -25,7 +25,7 @@ from hostbus.errors import (
     RemoteProtocolError,
     error_from_code,
 )
-from hostbus.message import Message, Sender
+from hostbus.message import Message, QueueMessage, Sender
 from hostbus.wire import FrameType
 
 CLIENT_NAME = "hostbus-py/0.1"
@@ -506,11 +506,8 @@ class ClientCore:
         if sender is None:
             raise RemoteProtocolError(f"QMSG names sender {ref}, which was never announced")
         headers = wire.decode_headers(body[h0:h1]) if h1 > h0 else {}
-        msg = Message(topic, body[h1:], headers, sender, reply or None, sid, False, self.respond)
-        msg.seq = seq
-        msg.delivery_count = count
-        msg.stored_ns = time_ns
-        msg._answer = self.answer
+        msg = QueueMessage(topic, body[h1:], headers, sender, reply or None, sid, seq, count, time_ns, self.answer,
+                           self.respond)
         batch = batches.get(sid)
         if batch is None:
             batches[sid] = [msg]

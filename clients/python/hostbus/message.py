@@ -28,8 +28,13 @@ class Message:
     them. Other messages have ``seq = 0``.
     """
 
-    __slots__ = ("_answer", "_respond", "data", "delivery_count", "headers", "reply_to", "retained", "sender",
-                 "seq", "sid", "stored_ns", "topic")
+    __slots__ = ("_respond", "data", "headers", "reply_to", "retained", "sender", "sid", "topic")
+
+    # A topic queue's message (QueueMessage) has its own values; every other message these.
+    seq = 0
+    delivery_count = 0
+    stored_ns = 0
+    _answer: Callable[[int, int, int, int], None] | None = None
 
     def __init__(
         self,
@@ -50,10 +55,6 @@ class Message:
         self.sid = sid
         self.retained = retained
         self._respond = respond
-        self.seq = 0
-        self.delivery_count = 0
-        self.stored_ns = 0
-        self._answer: Callable[[int, int, int, int], None] | None = None
 
     @property
     def stored_at(self) -> float:
@@ -95,3 +96,20 @@ class Message:
     def __repr__(self) -> str:
         data = self.data if len(self.data) <= 40 else self.data[:40] + b"..."
         return f"<Message {self.topic!r} {data!r} from uid={self.sender.uid} pid={self.sender.pid}>"
+
+
+class QueueMessage(Message):
+    """A message of a topic queue's consumer: its ``seq``, ``delivery_count``, ``stored_at``, and
+    the answers (ack, nak, term, in_progress) go back to the broker."""
+
+    __slots__ = ("_answer", "delivery_count", "seq", "stored_ns")
+
+    def __init__(self, topic: str, data: bytes, headers: dict[str, str], sender: Sender, reply_to: str | None,
+                 sid: int, seq: int, delivery_count: int, stored_ns: int,
+                 answer: Callable[[int, int, int, int], None] | None, respond: Callable[..., Any] | None = None,
+                 ) -> None:
+        super().__init__(topic, data, headers, sender, reply_to, sid, False, respond)
+        self.seq = seq
+        self.delivery_count = delivery_count
+        self.stored_ns = stored_ns
+        self._answer = answer

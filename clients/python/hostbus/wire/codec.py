@@ -70,26 +70,46 @@ class Decoder:
     ``accept`` is the set of frame types this side may receive; ``max_frame`` the largest value
     of the length field. Both are checked as soon as the 6-byte header is here, before the body
     is buffered, so an oversized or unknown frame costs nothing to refuse.
+
+    Copies: bytes fed while nothing is buffered are kept as they are, and each frame's body is
+    sliced out of them (one copy). Only the part of a frame cut off at the end of a read is
+    moved into a bytearray that gathers the rest of it.
     """
 
     __slots__ = ("_buf", "_pos", "accept", "max_frame")
 
     def __init__(self, accept: frozenset[int], max_frame: int) -> None:
-        self._buf = bytearray()
+        self._buf: bytes | bytearray = b""
         self._pos = 0
         self.accept = accept
         self.max_frame = max_frame
 
     def feed(self, data: bytes) -> None:
-        if self._pos:
-            del self._buf[: self._pos]
+        buf = self._buf
+        pos = self._pos
+        if pos >= len(buf):  # nothing buffered: take the bytes as they are
+            self._buf = data if type(data) is bytes else bytes(data)
             self._pos = 0
-        self._buf += data
+            return
+        if isinstance(buf, bytearray):
+            if pos:
+                del buf[:pos]
+        else:  # a partial frame: gather it and what follows in a bytearray
+            self._buf = buf = bytearray(memoryview(buf)[pos:])
+        self._pos = 0
+        buf += data
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as frames (non-zero means a frame is partial)."""
         return len(self._buf) - self._pos
+
+    def _body(self, start: int, end: int) -> bytes:
+        buf = self._buf
+        if type(buf) is bytes:
+            return buf[start:end]
+        with memoryview(buf) as view:
+            return view[start:end].tobytes()
 
     def next_frame(self) -> Frame | _NeedData:
         buf = self._buf
@@ -102,7 +122,7 @@ class Decoder:
         if end > len(buf):
             return NEED_DATA
         self._pos = end
-        return Frame(ftype, flags, bytes(buf[pos + HEADER_SIZE : end]))
+        return Frame(ftype, flags, self._body(pos + HEADER_SIZE, end))
 
     def frames(self) -> list[Frame]:
         """Every complete frame buffered, in order (the batch form of :meth:`next_frame`).
@@ -116,6 +136,7 @@ class Decoder:
         out: list[Frame] = []
         accept = self.accept
         max_frame = self.max_frame
+        whole = type(buf) is bytes
         while size - pos >= HEADER_SIZE:
             length, ftype, flags = _unpack_header(buf, pos)
             if length > max_frame or length < 2 or ftype not in accept:
@@ -126,11 +147,12 @@ class Decoder:
             end = pos + 4 + length
             if end > size:
                 break
-            out.append(Frame(ftype, flags, bytes(buf[pos + HEADER_SIZE : end])))
+            out.append(Frame(ftype, flags, buf[pos + HEADER_SIZE : end] if whole  # type: ignore[arg-type]
+                             else self._body(pos + HEADER_SIZE, end)))
             pos = end
         self._pos = pos
         if pos == size:
-            buf.clear()
+            self._buf = b""
             self._pos = 0
         return out
 
