@@ -142,6 +142,9 @@ class RingWriter(_Ring):
         self.run_slot = -1
         self.run_topic = b""
         self.run_headers = b""
+        self.run_size = 0  # its block's length so far
+        self.run_item_max = 0  # the largest payload that may join it
+        self.run_end = 0  # where its slot ends
 
     @property
     def written(self) -> int:
@@ -172,6 +175,8 @@ class RingWriter(_Ring):
         if not retain and len(data) <= _RUN_ITEM_MAX and size + 9 <= self.writer.cap:
             self.run_topic = tb
             self.run_headers = hb
+            self.run_size = size + 4
+            self.run_item_max = min(_RUN_ITEM_MAX, self.max_message_bytes - (size - len(data)))
             return _RECORD_HEAD.pack(size + 4, layout.RUN_FLAG, len(tb), 0, len(hb)) + tb + hb + _U32.pack(
                 len(data)), data
         return _RECORD_HEAD.pack(size, wire.PUB_RETAIN if retain else 0, len(tb), 0, len(hb)) + tb + hb, data
@@ -185,19 +190,19 @@ class RingWriter(_Ring):
         if self._topics.get(topic) is not self.run_topic or (
                 (wire.encode_headers(headers) if headers else b"") != self.run_headers):
             return False
-        if isinstance(data, str):
-            data = data.encode()
-        n = 4 + len(data)
-        if len(data) > _RUN_ITEM_MAX or not w.fits(n) or (
-                8 + len(self.run_topic) + len(self.run_headers) + len(data) > self.max_message_bytes):
+        if type(data) is not bytes:
+            data = data.encode() if isinstance(data, str) else bytes(data)
+        n = len(data)
+        pos = w.pos
+        end = pos + 4 + n
+        if n > self.run_item_max or end > self.run_end:
             return False
         mm = w.mm
-        pos = w.pos
-        _U32.pack_into(mm, pos, len(data))
-        mm[pos + 4:pos + n] = data
-        w.pos = pos + n
-        at = self.run_at
-        _U32.pack_into(mm, at, _U32.unpack_from(mm, at)[0] + n)
+        _U32.pack_into(mm, pos, n)
+        mm[pos + 4:end] = data
+        w.pos = end
+        self.run_size += 4 + n
+        _U32.pack_into(mm, self.run_at, self.run_size)
         return True
 
     def slots_to_take(self, record: tuple[bytes, Any]) -> int:
@@ -239,6 +244,7 @@ class RingWriter(_Ring):
             if record[0][4] == layout.RUN_FLAG:  # a run record opened: later messages may join it
                 self.run_at = w.pos - len(record[0]) - len(record[1])
                 self.run_slot = w.next
+                self.run_end = w.start + layout.SLOT_HEAD.size + w.cap
 
     def take(self) -> None:
         """Take a free slot, waiting (ConnectionLostError if the broker goes meanwhile)."""
