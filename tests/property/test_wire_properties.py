@@ -468,3 +468,39 @@ def test_reference_rules(topic: str, pattern: str) -> None:
         assert not result
     if pattern == topic:
         assert result
+
+
+# ---- (5) large frames received in place (Decoder.big) ---------------------------------------------------
+
+
+@given(data=st.lists(frameish() | st.binary(min_size=20, max_size=300).map(
+           lambda b: _header(len(b) + 2, FrameType.MSG, 0) + b), max_size=8).map(b"".join),
+       cuts=st.lists(st.integers(0, 3000), max_size=12), big=st.integers(6, 120), use_reserve=st.booleans())
+def test_receiving_large_frames_in_place_gives_the_same_frames(data: bytes, cuts: list[int], big: int,
+                                                               use_reserve: bool) -> None:
+    whole = Decoder(wire.SERVER_FRAMES, 1000)
+    whole.feed(data)
+    expected, error = drain_frames(whole)
+    dec = Decoder(wire.SERVER_FRAMES, 1000, big=big)
+    got: list[Frame] = []
+    got_error = None
+    pieces = chunked(data, cuts)
+    try:
+        while pieces:
+            target = dec.reserve() if use_reserve else None
+            piece = pieces.pop(0)
+            if target is not None:  # as a reader receiving into the frame's own buffer
+                n = min(len(target), len(piece))
+                target[:n] = piece[:n]
+                dec.filled(n)
+                if n < len(piece):
+                    pieces.insert(0, piece[n:])
+            else:
+                dec.feed(piece)
+            got += [Frame(f.type, f.flags, bytes(f.body)) for f in dec.frames()]
+        rest, got_error = drain_frames(dec)
+        got += [Frame(f.type, f.flags, bytes(f.body)) for f in rest]
+    except RemoteProtocolError as exc:
+        got_error = exc.code
+    assert got == expected
+    assert got_error == error

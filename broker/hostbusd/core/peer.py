@@ -49,6 +49,8 @@ _CPUB = int(FrameType.CPUB)
 _PUBN = int(FrameType.PUBN)
 _U32_AT = wire.frames.U32.unpack_from
 _CPUB_HEAD = struct.Struct("<IHHI").unpack_from  # CPUB: pub_id, then the message block's lengths
+#: A frame at least this large is received into a buffer of its own size (one copy less).
+BIG_FRAME = 512 * 1024
 QUEUE_OPS = ("queue_add", "queue_info", "queue_list", "queue_delete", "queue_purge", "consumer_delete")
 
 
@@ -281,6 +283,8 @@ class PeerCore:
         inbox = self.hub.open(self.session)
         self.session.send(wire.encode_json(FrameType.WELCOME, self.hub.welcome(self.session, inbox)))
         self.decoder.max_frame = self.hub.config.limits.max_frame_bytes
+        self.decoder.big = BIG_FRAME  # received in place by a transport that can (Decoder.reserve)
+        self.decoder.views = False
         self.state = State.OPEN
 
     def _hand_ring_fd(self, token: object) -> None:

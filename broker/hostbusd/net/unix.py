@@ -20,7 +20,17 @@ from hostbusd.net.ring import send_fd
 if TYPE_CHECKING:
     from hostbusd.core.hub import Hub
 
-class UnixPeer(asyncio.Protocol):
+#: Output of a few large blocks goes to the transport as a list (one writev, no copy to join
+#: them); many small frames are joined, which costs less than a long list of buffers.
+_GATHER_MAX = 16
+_GATHER_BYTES = 64 * 1024
+
+#: Bytes one read takes; a frame of at least peer.BIG_FRAME is received straight into a buffer
+#: of its own size instead (Decoder.reserve), not gathered from reads.
+_READ_SIZE = 256 * 1024
+
+
+class UnixPeer(asyncio.BufferedProtocol):
     def __init__(self, hub: Hub, peers: set[UnixPeer]) -> None:
         self.hub = hub
         self.peers = peers
@@ -34,6 +44,8 @@ class UnixPeer(asyncio.Protocol):
         self._eof = False
         self._charged = 0  # bytes of the transport's buffer charged to the peer's uid
         self.closed = asyncio.Event()
+        self._rbuf = memoryview(bytearray(_READ_SIZE))  # what reads land in, but large frames
+        self._into_frame = False  # the last buffer handed out was a large frame's own
 
     # ---- asyncio.Protocol ----------------------------------------------------------------------
 
@@ -62,11 +74,21 @@ class UnixPeer(asyncio.Protocol):
             hub.rejected_connections += 1
             core.fail(ErrorCode.CONNECTION_LIMIT, refusal)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        core = self.core
+        target = core.decoder.reserve() if core is not None else None
+        self._into_frame = target is not None
+        return target if target is not None else self._rbuf
+
+    def buffer_updated(self, nbytes: int) -> None:
         core = self.core
         assert core is not None
         before = core.frames_done
-        self._after_input(before, core.receive(data))
+        if self._into_frame:
+            core.decoder.filled(nbytes)
+            self._after_input(before, core.receive(b""))
+        else:
+            self._after_input(before, core.receive(self._rbuf[:nbytes].tobytes()))
 
     def _continue(self) -> None:
         core = self.core
@@ -165,10 +187,17 @@ class UnixPeer(asyncio.Protocol):
             return
         session = core.session
         session.flush_pending = False
+        before = session.bytes_out
         while True:
             out = session.take_output()
             if out:
-                transport.write(b"".join(out) if len(out) > 1 else out[0])
+                if len(out) == 1:
+                    transport.write(out[0])
+                elif len(out) <= _GATHER_MAX and session.bytes_out - before >= _GATHER_BYTES:
+                    transport.writelines(out)  # large blocks: written from where they are (writev)
+                else:
+                    transport.write(b"".join(out))
+                before = session.bytes_out
             if session.paused or not session.has_backlog or session.closing:
                 break
         # Messages wait in bounded queues while paused, but replies (PONG, OK, ERR, NORESP) are

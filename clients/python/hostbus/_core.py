@@ -13,7 +13,7 @@ import os
 import struct
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from hostbus import topics, wire
 from hostbus.errors import (
@@ -263,6 +263,13 @@ class ClientCore:
         return wire.encode_pub(self.topic_bytes(topic), data, wire.encode_headers(headers) if headers else b"",
                                reply.encode() if reply else b"", flags, self.max_frame, pub_id)
 
+    def pub_head(self, topic: str, size: int, headers: dict[str, str] | None = None, retain: bool = False,
+                 reply: str = "", request: bool = False) -> bytes:
+        """A PUB frame up to its payload of ``size`` bytes (which the caller sends after it)."""
+        flags = (wire.PUB_RETAIN if retain else 0) | (wire.PUB_REQUEST if request else 0)
+        return wire.encode_pub_head(self.topic_bytes(topic), size, wire.encode_headers(headers) if headers else b"",
+                                    reply.encode() if reply else b"", flags, self.max_frame)
+
     def batch(self, messages: Any, waiter: Waiter) -> bytes:
         """CPUB frames for ``messages`` ((topic, data) or (topic, data, headers) items), their
         answers gathered into ``waiter`` (see :class:`BatchConfirms`). The ids are taken from the
@@ -392,7 +399,13 @@ class ClientCore:
                 frames = self.decoder.frames()
                 if not frames:
                     break
-                for ftype, flags, body in frames:
+                for ftype, flags, got in frames:
+                    body = got
+                    if type(got) is not bytes:  # a large frame received in place (Decoder.big)
+                        if ftype == FrameType.MSG:
+                            self._msg_view(flags, cast(memoryview, got), batches)
+                            continue
+                        body = bytes(got)
                     if ftype == FrameType.MSG:
                         self._msg(flags, body, batches)
                     elif ftype == FrameType.MSGN:
@@ -414,7 +427,18 @@ class ClientCore:
                 sink.push_many(msgs)
         batches.clear()
 
-    def _msg(self, flags: int, body: bytes, batches: dict[int, list[Message]]) -> None:
+    def _msg_view(self, flags: int, body: memoryview, batches: dict[int, list[Message]]) -> None:
+        """A MSG whose body is a view of the buffer it was received into: its payload is copied
+        out once; the rest is read as for any MSG."""
+        if len(body) < 20:
+            raise RemoteProtocolError("MSG frame too short for its 12-byte prefix and 8-byte block header")
+        _, _, tlen, rlen, hlen = _MSG_FIXED.unpack_from(body, 0)
+        h1 = 20 + tlen + rlen + hlen
+        if h1 > len(body):
+            wire.split_block(bytes(body[:20]), 12)  # raises the error that says which length is wrong
+        self._msg(flags, bytes(body[:h1]), batches, body[h1:].tobytes())
+
+    def _msg(self, flags: int, body: bytes, batches: dict[int, list[Message]], payload: bytes | None = None) -> None:
         if len(body) < 20:
             raise RemoteProtocolError("MSG frame too short for its 12-byte prefix and 8-byte block header")
         sid, ref, tlen, rlen, hlen = _MSG_FIXED.unpack_from(body, 0)
@@ -435,7 +459,7 @@ class ClientCore:
         if sender is None:
             raise RemoteProtocolError(f"MSG names sender {ref}, which was never announced")
         headers = wire.decode_headers(body[h0:h1]) if h1 > h0 else {}
-        msg = Message(topic, body[h1:], headers, sender, reply or None, sid,
+        msg = Message(topic, body[h1:] if payload is None else payload, headers, sender, reply or None, sid,
                       bool(flags & wire.MSG_RETAINED), self.respond)
         if sid == 0:
             waiter = self.requests.pop(topic, None)

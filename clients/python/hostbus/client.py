@@ -36,8 +36,32 @@ DEFAULT_PENDING_LIMIT = 65536
 #: Seconds to wait for the broker to answer HELLO, SUB, PING or CALL.
 DEFAULT_CONTROL_TIMEOUT = 10.0
 _RECV_SIZE = 256 * 1024
+#: A payload at least this large is sent from where it is, not copied into the write buffer.
+_GATHER_PAYLOAD = 64 * 1024
+_IOV_MAX = 1024
+#: A frame at least this large is received straight into a buffer of its size (one copy).
+_BIG_FRAME = 512 * 1024
 _pack_u32 = struct.Struct("<I").pack
 _pack_u32_into = struct.Struct("<I").pack_into
+
+
+def _send_all(sock: _socket.socket, chunks: list[bytes | bytearray]) -> None:
+    """Write every buffer of ``chunks`` in order, with as few sendmsg calls as the kernel takes."""
+    views = [memoryview(c) for c in chunks]
+    try:
+        while views:
+            sent = sock.sendmsg(views[:_IOV_MAX])
+            while sent:
+                first = views[0]
+                if sent >= len(first):
+                    sent -= len(first)
+                    views.pop(0)
+                else:
+                    views[0] = first[sent:]
+                    sent = 0
+    finally:
+        for view in views:
+            view.release()
 
 
 def _wait(fut: concurrent.futures.Future[Any], timeout: float | None, what: str) -> Any:
@@ -135,6 +159,11 @@ class Bus:
         self._wlock = threading.RLock()
         self._wcond = threading.Condition(self._wlock)
         self._wbuf = bytearray()
+        # Large payloads are not copied into _wbuf: what is to be written before _wbuf waits
+        # here as a list of buffers (small frames gathered, then a head and a payload ...),
+        # and the writer sends it with one sendmsg.
+        self._chunks: list[bytes | bytearray] = []
+        self._chunk_bytes = 0
         self._run = RunWriter()  # the run (PUBN) being gathered at the end of _wbuf
         self._sending = False  # a sendall is in progress (the writer's, or a caller's: _send_now)
         self._max_buffer = max_buffer
@@ -199,8 +228,8 @@ class Bus:
                 wbuf = self._wbuf
                 at = run.at
                 if (at >= 0 and run.topic is core._topic_bytes.get(topic) and not run.headers and not self._closing
-                        and len(wbuf) < self._max_buffer and not core.pending_acks and n <= RUN_MAX_ITEM
-                        and len(wbuf) - at + 4 + n <= run.limit):
+                        and len(wbuf) + self._chunk_bytes < self._max_buffer and not core.pending_acks
+                        and n <= RUN_MAX_ITEM and len(wbuf) - at + 4 + n <= run.limit):
                     wbuf += _pack_u32(n)
                     wbuf += data
                     _pack_u32_into(wbuf, at, len(wbuf) - at - 4)
@@ -208,16 +237,19 @@ class Bus:
         core.check()
         plain = None if retain or reply_to else core.plain(topic, data, headers)
         if plain is None:
-            self._send(core.pub(topic, data, headers, retain, reply_to or ""))
+            if isinstance(data, bytes) and len(data) >= _GATHER_PAYLOAD:  # sent from where it is
+                self._send(core.pub_head(topic, len(data), headers, retain, reply_to or ""), data)
+            else:
+                self._send(core.pub(topic, data, headers, retain, reply_to or ""))
             return None
         with self._wcond:
             if self._closing:
                 raise core.lost or ClosedError("the connection is closed")
-            while len(self._wbuf) >= self._max_buffer:
+            while len(self._wbuf) + self._chunk_bytes >= self._max_buffer:
                 self._wcond.wait()
                 if self._closing:
                     raise core.lost or ClosedError("the connection is closed")
-            was_empty = not self._wbuf
+            was_empty = not (self._wbuf or self._chunks)
             if core.pending_acks:  # answers given before this message go before it
                 self._wbuf += core.take_acks()
                 self._run.at = -1
@@ -273,7 +305,7 @@ class Bus:
                 raise self._core.lost or ClosedError("the connection is closed")
             acks = self._core.pending_acks
             acks.append((sid, kind, seq, delay_ms))
-            if len(acks) == 1 and not self._wbuf:
+            if len(acks) == 1 and not (self._wbuf or self._chunks):
                 self._wcond.notify_all()
 
     def _respond(self, reply_to: str, data: bytes | str, headers: dict[str, str] | None) -> None:
@@ -477,19 +509,26 @@ class Bus:
 
         return wire.encode_u32(wire.FrameType[kind], value)
 
-    def _send(self, frame: bytes) -> None:
+    def _send(self, frame: bytes, payload: bytes | None = None) -> None:
+        """Queue ``frame`` for the writer; with ``payload``, ``frame`` is the head of a frame
+        whose payload follows it and is sent from where it is (a large message)."""
         with self._wcond:
             if self._closing:
                 raise self._core.lost or ClosedError("the connection is closed")
-            while len(self._wbuf) >= self._max_buffer:
+            while len(self._wbuf) + self._chunk_bytes >= self._max_buffer:
                 self._wcond.wait()
                 if self._closing:
                     raise self._core.lost or ClosedError("the connection is closed")
-            was_empty = not self._wbuf
+            was_empty = not (self._wbuf or self._chunks)
             if self._core.pending_acks:  # answers given before this frame go before it
                 self._wbuf += self._core.take_acks()
             self._wbuf += frame
             self._run.at = -1
+            if payload is not None:
+                self._chunks.append(self._wbuf)
+                self._chunks.append(payload)
+                self._chunk_bytes += len(self._wbuf) + len(payload)
+                self._wbuf = bytearray()
             if was_empty:
                 self._wcond.notify_all()
 
@@ -502,7 +541,7 @@ class Bus:
                 raise self._core.lost or ClosedError("the connection is closed")
             if self._core.pending_acks:
                 self._wbuf += self._core.take_acks()
-            if self._wbuf or self._sending:
+            if self._wbuf or self._chunks or self._sending:
                 self._wbuf += frame
                 self._run.at = -1
                 self._wcond.notify_all()
@@ -536,20 +575,29 @@ class Bus:
         sock = self._sock
         while True:
             with self._wcond:
-                while (not (self._wbuf or self._core.pending_acks) or self._sending) and not self._closing:
+                while (not (self._wbuf or self._chunks or self._core.pending_acks) or self._sending) \
+                        and not self._closing:
                     self._wcond.wait()
                 while self._sending:  # closing: let a caller's send finish first
                     self._wcond.wait(0.1)
                 if self._core.pending_acks:
                     self._wbuf += self._core.take_acks()
-                if not self._wbuf:
+                if not (self._wbuf or self._chunks):
                     return  # closing with nothing left to send
-                data, self._wbuf = self._wbuf, bytearray()
+                chunks = self._chunks
+                if self._wbuf:
+                    chunks.append(self._wbuf)
+                self._wbuf = bytearray()
+                self._chunks = []
+                self._chunk_bytes = 0
                 self._run.at = -1
                 self._sending = True
                 self._wcond.notify_all()  # room for blocked publishers
             try:
-                sock.sendall(data)
+                if len(chunks) == 1:
+                    sock.sendall(chunks[0])
+                else:
+                    _send_all(sock, chunks)
             except OSError as exc:
                 self._write_failed(exc)
                 return
@@ -560,8 +608,19 @@ class Bus:
     def _read_loop(self) -> None:
         sock = self._sock
         core = self._core
+        decoder = core.decoder
+        decoder.big = _BIG_FRAME  # large frames are received into a buffer of their own size
         try:
             while True:
+                target = decoder.reserve()
+                if target is not None:
+                    with target:
+                        n = sock.recv_into(target)
+                    if not n:
+                        raise ConnectionLostError("the broker closed the connection")
+                    decoder.filled(n)
+                    core.receive(b"")
+                    continue
                 data = sock.recv(_RECV_SIZE)
                 if not data:
                     raise ConnectionLostError("the broker closed the connection")

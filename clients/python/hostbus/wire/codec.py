@@ -74,17 +74,39 @@ class Decoder:
     Copies: bytes fed while nothing is buffered are kept as they are, and each frame's body is
     sliced out of them (one copy). Only the part of a frame cut off at the end of a read is
     moved into a bytearray that gathers the rest of it.
+
+    Large frames (``big`` > 0, a reader that can read into a buffer): once the header of a frame
+    of at least ``big`` bytes is here, :meth:`reserve` returns the rest of a buffer of exactly the
+    frame's size for the reader to receive into (:meth:`filled` says how much came), and the
+    frame's body is returned as a read-only memoryview of that buffer (``views``; else copied out
+    as bytes once): the kernel copies the bytes straight to where they are read. Frames after it
+    are decoded as usual.
     """
 
-    __slots__ = ("_buf", "_pos", "accept", "max_frame")
+    __slots__ = ("_big", "_buf", "_fill", "_pos", "accept", "big", "max_frame", "views")
 
-    def __init__(self, accept: frozenset[int], max_frame: int) -> None:
+    def __init__(self, accept: frozenset[int], max_frame: int, big: int = 0) -> None:
         self._buf: bytes | bytearray = b""
         self._pos = 0
+        self._big: bytearray | None = None  # the large frame being received, whole size
+        self._fill = 0  # bytes of it received
         self.accept = accept
         self.max_frame = max_frame
+        self.big = big
+        self.views = True
 
     def feed(self, data: bytes) -> None:
+        if not data:
+            return
+        big = self._big
+        if big is not None:  # the rest of a large frame first
+            room = len(big) - self._fill
+            take = min(room, len(data))
+            big[self._fill:self._fill + take] = memoryview(data)[:take]
+            self._fill += take
+            if take == len(data):
+                return
+            data = data[take:]
         buf = self._buf
         pos = self._pos
         if pos >= len(buf):  # nothing buffered: take the bytes as they are
@@ -99,10 +121,34 @@ class Decoder:
         self._pos = 0
         buf += data
 
+    def reserve(self) -> memoryview | None:
+        """Where to receive the rest of a large frame (see the class docstring), or None."""
+        big = self._big
+        if big is None:
+            buf = self._buf
+            pos = self._pos
+            if not self.big or len(buf) - pos < HEADER_SIZE:
+                return None
+            length, ftype, _ = _unpack_header(buf, pos)
+            if length + 4 < self.big or pos + 4 + length <= len(buf):
+                return None
+            self._check(length, ftype)
+            self._big = big = bytearray(length + 4)
+            have = len(buf) - pos
+            big[:have] = memoryview(buf)[pos:]
+            self._fill = have
+            self._buf = b""
+            self._pos = 0
+        return memoryview(big)[self._fill:]
+
+    def filled(self, n: int) -> None:
+        """``n`` bytes were received into what :meth:`reserve` returned."""
+        self._fill += n
+
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as frames (non-zero means a frame is partial)."""
-        return len(self._buf) - self._pos
+        return len(self._buf) - self._pos + (self._fill if self._big is not None else 0)
 
     def _body(self, start: int, end: int) -> bytes:
         buf = self._buf
@@ -111,7 +157,21 @@ class Decoder:
         with memoryview(buf) as view:
             return view[start:end].tobytes()
 
+    def _take_big(self) -> Frame | None:
+        big = self._big
+        if big is None or self._fill < len(big):
+            return None
+        self._big = None
+        self._fill = 0
+        _, ftype, flags = _unpack_header(big, 0)
+        if not self.views:
+            return Frame(ftype, flags, memoryview(big)[HEADER_SIZE:].tobytes())
+        return Frame(ftype, flags, memoryview(big).toreadonly()[HEADER_SIZE:])  # type: ignore[arg-type]
+
     def next_frame(self) -> Frame | _NeedData:
+        if self._big is not None:
+            f = self._take_big()
+            return NEED_DATA if f is None else f
         buf = self._buf
         pos = self._pos
         if len(buf) - pos < HEADER_SIZE:
@@ -130,10 +190,15 @@ class Decoder:
         If a bad header follows good frames, the good frames are returned first and the error is
         raised by the next call, so no valid frame is lost.
         """
+        out: list[Frame] = []
+        if self._big is not None:
+            f = self._take_big()
+            if f is None:
+                return out
+            out.append(f)
         buf = self._buf
         pos = self._pos
         size = len(buf)
-        out: list[Frame] = []
         accept = self.accept
         max_frame = self.max_frame
         whole = type(buf) is bytes
@@ -313,6 +378,17 @@ def run_payloads(body: bytes, pos: int) -> list[bytes]:
 def msgn_header(sid: int, sender_ref: int, count: int, run_len: int) -> bytes:
     """The MSGN frame up to the run; the run (a PUBN body) follows it unchanged."""
     return _pack_msgn_head(run_len + 18, _MSGN, 0, sid, sender_ref, count)
+
+
+def encode_pub_head(topic: bytes, size: int, headers: bytes = b"", reply: bytes = b"", flags: int = 0,
+                    max_frame: int = 0) -> bytes:
+    """A PUB frame up to its payload of ``size`` bytes: ``head + payload`` is :func:`encode_pub`'s
+    frame, for a payload sent from where it is."""
+    length = 10 + len(topic) + len(reply) + len(headers) + size
+    if max_frame and length > max_frame:
+        raise MessageTooLargeError(f"message of {length} bytes framed exceeds the broker's limit of {max_frame}")
+    return b"".join((_pack_header(length, FrameType.PUB, flags), MSG_BLOCK.pack(len(topic), len(reply), len(headers)),
+                     topic, reply, headers))
 
 
 def encode_ack(sid: int, items: list[tuple[int, int, int]]) -> bytes:
