@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 
 import hostbus
+from hostbus import wire
 from tests.conftest import HOSTBUSD, Daemon
+from tests.helpers.raw import RawClient
 
 
 def run_daemon(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
@@ -242,3 +244,21 @@ def test_a_value_where_a_table_belongs_is_a_config_error_with_flags_too(workdir:
     r = run_daemon("--config", str(cfg), "--log-level", "debug", "--check-config")
     assert r.returncode == 2
     assert "log = 5: must be a table" in r.stderr
+
+
+def test_an_idle_connection_costs_the_broker_little_memory(daemon: Daemon) -> None:
+    """Regression: a read buffer held per connection once made each idle one cost 264 KB."""
+    n = 200
+    before = daemon.status()["VmRSS"]
+    conns = []
+    for i in range(n):
+        raw = RawClient(daemon.socket)
+        raw.send(wire.encode_sub(1, {"pattern": f"idle.{i}"}))
+        assert raw.read_until(wire.FrameType.OK) is not None
+        conns.append(raw)
+    per_conn_kb = (daemon.status()["VmRSS"] - before) / n
+    for raw in conns:
+        raw.sock.shutdown(socket.SHUT_RDWR)
+        raw.close()
+    print(f"{per_conn_kb:.1f} KB per idle connection with a subscription")
+    assert per_conn_kb < 40, f"{per_conn_kb:.1f} KB per idle connection"

@@ -28,6 +28,9 @@ _GATHER_BYTES = 64 * 1024
 #: Bytes one read takes; a frame of at least peer.BIG_FRAME is received straight into a buffer
 #: of its own size instead (Decoder.reserve), not gathered from reads.
 _READ_SIZE = 256 * 1024
+#: What reads land in, shared by every connection: the loop reads one socket at a time and
+#: buffer_updated copies what came out before the next read (no buffer held per connection).
+_READ_BUFFER = memoryview(bytearray(_READ_SIZE))
 
 
 class UnixPeer(asyncio.BufferedProtocol):
@@ -44,7 +47,6 @@ class UnixPeer(asyncio.BufferedProtocol):
         self._eof = False
         self._charged = 0  # bytes of the transport's buffer charged to the peer's uid
         self.closed = asyncio.Event()
-        self._rbuf = memoryview(bytearray(_READ_SIZE))  # what reads land in, but large frames
         self._into_frame = False  # the last buffer handed out was a large frame's own
 
     # ---- asyncio.Protocol ----------------------------------------------------------------------
@@ -78,7 +80,7 @@ class UnixPeer(asyncio.BufferedProtocol):
         core = self.core
         target = core.decoder.reserve() if core is not None else None
         self._into_frame = target is not None
-        return target if target is not None else self._rbuf
+        return target if target is not None else _READ_BUFFER
 
     def buffer_updated(self, nbytes: int) -> None:
         core = self.core
@@ -88,7 +90,7 @@ class UnixPeer(asyncio.BufferedProtocol):
             core.decoder.filled(nbytes)
             self._after_input(before, core.receive(b""))
         else:
-            self._after_input(before, core.receive(self._rbuf[:nbytes].tobytes()))
+            self._after_input(before, core.receive(_READ_BUFFER[:nbytes].tobytes()))
 
     def _continue(self) -> None:
         core = self.core
