@@ -68,6 +68,9 @@ CASES: dict[str, tuple[bool, Callable[[], bytes], int, str]] = {
     "run_with_reply": (True, lambda: wire.frame(wire.FrameType.PUBN, MSG_BLOCK.pack(1, 1, 0) + b"ab"
                                                 + struct.pack("<I", 1) + b"x"), ErrorCode.PROTOCOL, "reply"),
     "run_invalid_topic": (True, lambda: wire.encode_run(b"a..b", [b"x"]), ErrorCode.INVALID_TOPIC, "empty token"),
+    "run_of_too_many_messages": (True, lambda: wire.frame(wire.FrameType.PUBN, MSG_BLOCK.pack(1, 0, 0) + b"a"
+                                                          + struct.pack("<I", 0) * (wire.frames.RUN_MAX_ITEMS + 1)),
+                                 ErrorCode.PROTOCOL, "more than 8192"),
 }
 
 

@@ -4,6 +4,8 @@ rings as a run record; every subscriber still sees each message, in order."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 import hostbus
@@ -62,3 +64,39 @@ def test_a_run_record_the_layout_refuses_ends_that_ring_only(daemon: Daemon) -> 
             bystander.publish("t", b"still served")
             assert [m.data for m in drain(alive_sub)] == [b"still served"], why
     alive(daemon)
+
+
+def test_a_message_after_another_record_in_the_slot_does_not_join_an_earlier_run(daemon: Daemon) -> None:
+    """Regression: a run, then a retained or a large record in the same slot, then the run's topic
+    again once wrote past the slot's last record and the broker ended the ring."""
+    with daemon.connect() as bus:
+        sub = bus.subscribe("t.>")
+        with bus.shm_publisher(slots=4, slot_size=256 * 1024) as pub:
+            pub.publish("t.a", b"1")
+            pub.publish("t.r", b"kept", retain=True)
+            pub.publish("t.a", b"2")
+            pub.publish("t.big", b"x" * 20_000)  # past the size a run takes
+            pub.publish("t.a", b"3")
+            pub.flush()
+        got = [(m.topic, m.data[:4]) for m in drain(sub)]
+    assert got == [("t.a", b"1"), ("t.r", b"kept"), ("t.a", b"2"), ("t.big", b"xxxx"), ("t.a", b"3")]
+
+
+def test_runs_stay_within_a_small_frame_limit_on_every_path(start_daemon: Any) -> None:
+    """Regression: runs once grew to 128 KiB whatever the broker's max_frame_bytes (64 KiB here):
+    the broker ended the publisher's connection, or a deliver ring got a record over its limit."""
+    d = start_daemon({"limits": {"max_frame_bytes": 65536}, "shm": {"max_message_bytes": 4096}})
+    n = 5000
+    want = [b"%05d" % i + b"." * 95 for i in range(n)]
+    with d.connect("sub") as sb, d.connect("pub") as pb:
+        by_socket = sb.subscribe("t", pending_limit=2 * n)
+        by_ring = sb.subscribe("t", via="shm", pending_limit=2 * n)
+        for data in want:  # socket: runs of up to 64 KiB; to the ring, records of at most 4 KiB
+            pb.publish("t", data)
+        pb.flush()
+        with pb.shm_publisher(slots=4, slot_size=256 * 1024) as pub:  # run records of at most 4 KiB
+            for data in want:
+                pub.publish("t", data)
+            pub.flush()
+        for sub in (by_socket, by_ring):
+            assert [m.data for m in drain(sub, timeout=1.0)] == want + want

@@ -35,7 +35,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from hostbus import ring as layout
 from hostbus import wire
@@ -124,7 +124,15 @@ class RingSession(Session):
         self.msgs_out += 1
 
     def _write_run(self, sub: Subscription, ident: Identity, run: bytes, count: int) -> None:
-        """A run record: the run as it came, behind the same head as a message's record."""
+        """A run record: the run as it came, behind the same head as a message's record; a run
+        larger than the ring's message limit (from a socket publisher: up to max_frame_bytes) as
+        a record per message instead."""
+        if len(run) > cast("Ring", self.egress).service.max_message_bytes:
+            tlen, _, hlen = wire.frames.RUN_HEAD.unpack_from(run, 0)
+            items_at = 8 + tlen + hlen
+            for payload in wire.run_payloads(run, items_at):
+                self._write_msg(sub, ident, run[:items_at] + payload, 0)
+            return
         if sub.queue.missed:
             self._emit_gap(sub)
         origin = ident.origin.encode()
@@ -332,7 +340,8 @@ class Ring(LoopEgress):
                             self.hub.denied["publish"] += count
                             self.hub.peer_error("publish_denied", owner, topic=topic, rule=decision.rule, ring=self.id)
                             owner.send(wire.encode_err(ErrorCode.PERMISSION_DENIED, 0, f"may not publish to "
-                                                       f"{show(topic)}: {decision.rule}", fatal=False))
+                                                       f"{show(topic)}: {decision.rule}"
+                                                       + (f" ({count} messages refused)" if run else ""), fatal=False))
                             continue
                     owner.msgs_in += count
                     owner.bytes_in += len(block)
@@ -376,6 +385,7 @@ class Ring(LoopEgress):
         if used > self.slot_size - layout.SLOT_HEAD.size:
             raise layout.RingFormatError(f"slot declares {used} bytes, more than it holds")
         fixed = layout.PUB_RECORD
+        limit = self.service.max_message_bytes
         for _ in range(count):
             if pos + fixed.size > end:
                 raise layout.RingFormatError("record head past the end of the slot")
@@ -384,6 +394,9 @@ class Ring(LoopEgress):
             pos = b0 + blen
             if pos > end:
                 raise layout.RingFormatError("record past the end of the slot")
+            if blen > limit:
+                raise layout.RingFormatError(f"record of {blen} bytes exceeds the ring's limit of {limit} "
+                                             "(shm.max_message_bytes)")
             yield flags, mm[b0:pos]
         if pos != end:
             raise layout.RingFormatError(f"slot holds {end - pos} bytes after its {count} records")

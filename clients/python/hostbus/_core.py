@@ -49,32 +49,37 @@ _PUBN = int(FrameType.PUBN)
 #: shares one frame head, one topic check and one routing decision among its messages.
 RUN_MAX_BYTES = 128 * 1024
 RUN_MAX_ITEM = 16 * 1024
+RUN_MAX_ITEMS = wire.frames.RUN_MAX_ITEMS
 
 
 class RunWriter:
     """Gathers consecutive plain publishes on one topic with the same headers into one PUBN
     frame at the end of a bytearray; any other frame appended after it closes the run."""
 
-    __slots__ = ("at", "headers", "limit", "topic")
+    __slots__ = ("at", "headers", "items", "limit", "topic")
 
     def __init__(self) -> None:
         self.at = -1  # where the open run's frame starts in the buffer, -1: none
         self.topic = b""
         self.headers = b""
-        self.limit = RUN_MAX_BYTES
+        self.items = 0
+        self.limit = RUN_MAX_BYTES  # bytes of the whole frame (ClientCore lowers it to the broker's max_frame)
 
     def add(self, buf: bytearray, tb: bytes, hb: bytes, data: bytes) -> None:
         at = self.at
-        if at < 0 or self.topic is not tb or self.headers != hb or len(buf) - at + 4 + len(data) > self.limit:
+        if (at < 0 or self.topic is not tb or self.headers != hb or len(buf) - at + 4 + len(data) > self.limit
+                or self.items >= RUN_MAX_ITEMS):
             self.at = at = len(buf)
             self.topic = tb
             self.headers = hb
+            self.items = 0
             buf += _RUN_START(0, _PUBN, 0, len(tb), 0, len(hb))
             buf += tb
             if hb:
                 buf += hb
         buf += _pack_u32(len(data))
         buf += data
+        self.items += 1
         _pack_u32_into(buf, at, len(buf) - at - 4)
 
 
@@ -183,6 +188,7 @@ class ClientCore:
         self.inbox = ""
         self.max_frame = wire.HANDSHAKE_MAX_FRAME
         self.runs_ok = False  # the broker takes runs (PUBN): its WELCOME says so
+        self.run = RunWriter()  # the run being gathered in the client's write buffer
         self.senders: dict[int, Sender] = {}
         self.sinks: dict[int, Sink] = {}
         self.rings: dict[int, Any] = {}  # ring id -> the shared-memory rings of this connection (hostbus.shm)
@@ -241,7 +247,11 @@ class ClientCore:
             data = bytes(data)
         if len(data) > RUN_MAX_ITEM or not self.runs_ok:
             return None
-        return self.topic_bytes(topic), wire.encode_headers(headers) if headers else b"", data
+        tb = self.topic_bytes(topic)
+        hb = wire.encode_headers(headers) if headers else b""
+        if 14 + len(tb) + len(hb) + len(data) > self.max_frame:  # not even alone: PUB says why
+            return None
+        return tb, hb, data
 
     def topic_bytes(self, topic: str) -> bytes:
         b = self._topic_bytes.get(topic)
@@ -590,6 +600,7 @@ class ClientCore:
             self.max_frame = int(welcome.get("limits", {}).get("max_frame_bytes", self.max_frame))
             features = welcome.get("features")
             self.runs_ok = isinstance(features, list) and wire.FEATURE_RUNS in features
+            self.run.limit = min(RUN_MAX_BYTES, self.max_frame + 4)  # a run's frame within the broker's limit
             if self.welcome_waiter is not None:
                 _settle(self.welcome_waiter, welcome)
 

@@ -18,7 +18,7 @@ from types import TracebackType
 from typing import Any
 
 from hostbus import paths, wire
-from hostbus._core import ClientCore, RunWriter, SubscriptionState, as_hostbus_error
+from hostbus._core import ClientCore, SubscriptionState, as_hostbus_error
 from hostbus.client import DEFAULT_CONTROL_TIMEOUT, DEFAULT_PENDING_LIMIT
 from hostbus.errors import ClosedError, ConnectionLostError, HostbusError, RingClosedError
 from hostbus.errors import TimeoutError as HostbusTimeoutError
@@ -152,7 +152,7 @@ class Bus:
         self._core.answer = self._answer
         self._transport: asyncio.Transport | None = None
         self._out = bytearray()  # frames for the next write, a run (PUBN) possibly open at its end
-        self._run = RunWriter()
+        self._run = self._core.run
         self._flush_scheduled = False
         self._paused = False
         self._closing = False

@@ -22,7 +22,7 @@ from types import TracebackType
 from typing import Any
 
 from hostbus import paths
-from hostbus._core import RUN_MAX_ITEM, ClientCore, RunWriter, SubscriptionState, as_hostbus_error
+from hostbus._core import RUN_MAX_ITEM, RUN_MAX_ITEMS, ClientCore, SubscriptionState, as_hostbus_error
 from hostbus.errors import ClosedError, ConnectionLostError, HostbusError
 from hostbus.errors import TimeoutError as HostbusTimeoutError
 from hostbus.message import Message
@@ -164,7 +164,7 @@ class Bus:
         # and the writer sends it with one sendmsg.
         self._chunks: list[bytes | bytearray] = []
         self._chunk_bytes = 0
-        self._run = RunWriter()  # the run (PUBN) being gathered at the end of _wbuf
+        self._run = self._core.run  # the run (PUBN) being gathered at the end of _wbuf
         self._sending = False  # a sendall is in progress (the writer's, or a caller's: _send_now)
         self._max_buffer = max_buffer
         self._closing = False
@@ -228,10 +228,12 @@ class Bus:
                 wbuf = self._wbuf
                 at = run.at
                 if (at >= 0 and run.topic is core._topic_bytes.get(topic) and not run.headers and not self._closing
-                        and len(wbuf) + self._chunk_bytes < self._max_buffer and not core.pending_acks
-                        and n <= RUN_MAX_ITEM and len(wbuf) - at + 4 + n <= run.limit):
+                        and core.lost is None and len(wbuf) + self._chunk_bytes < self._max_buffer
+                        and not core.pending_acks and n <= RUN_MAX_ITEM and len(wbuf) - at + 4 + n <= run.limit
+                        and run.items < RUN_MAX_ITEMS):
                     wbuf += _pack_u32(n)
                     wbuf += data
+                    run.items += 1
                     _pack_u32_into(wbuf, at, len(wbuf) - at - 4)
                     return None
         core.check()

@@ -144,7 +144,8 @@ class RingWriter(_Ring):
         self.run_headers = b""
         self.run_size = 0  # its block's length so far
         self.run_item_max = 0  # the largest payload that may join it
-        self.run_end = 0  # where its slot ends
+        self.run_end = 0  # where it must end: its slot's end, or the ring's message limit
+        self.run_items = 0
 
     @property
     def written(self) -> int:
@@ -172,6 +173,7 @@ class RingWriter(_Ring):
             raise MessageTooLargeError(f"message of {size} bytes exceeds the ring's limit of "
                                        f"{self.max_message_bytes} (shm.max_message_bytes); nothing was written")
         self.run_at = -1
+        self.run_slot = -1  # whatever this record is, no later message may join an earlier run
         if not retain and len(data) <= _RUN_ITEM_MAX and size + 9 <= self.writer.cap:
             self.run_topic = tb
             self.run_headers = hb
@@ -185,7 +187,8 @@ class RingWriter(_Ring):
         """Add a plain message to the run record open in the current slot if it is on the same
         topic with the same headers and fits; False (nothing written) if not."""
         w = self.writer
-        if self.run_slot != w.next or not w.opened or self.closed is not None:
+        if self.run_slot != w.next or self.run_at < 0 or not w.opened or self.closed is not None \
+                or self.run_items >= wire.frames.RUN_MAX_ITEMS:
             return False
         if self._topics.get(topic) is not self.run_topic or (
                 (wire.encode_headers(headers) if headers else b"") != self.run_headers):
@@ -202,6 +205,7 @@ class RingWriter(_Ring):
         mm[pos + 4:end] = data
         w.pos = end
         self.run_size += 4 + n
+        self.run_items += 1
         _U32.pack_into(mm, self.run_at, self.run_size)
         return True
 
@@ -244,7 +248,10 @@ class RingWriter(_Ring):
             if record[0][4] == layout.RUN_FLAG:  # a run record opened: later messages may join it
                 self.run_at = w.pos - len(record[0]) - len(record[1])
                 self.run_slot = w.next
-                self.run_end = w.start + layout.SLOT_HEAD.size + w.cap
+                self.run_items = 1
+                # The run ends with its slot, and its block stays within the ring's message limit.
+                self.run_end = min(w.start + layout.SLOT_HEAD.size + w.cap,
+                                   self.run_at + layout.PUB_RECORD.size + self.max_message_bytes)
 
     def take(self) -> None:
         """Take a free slot, waiting (ConnectionLostError if the broker goes meanwhile)."""

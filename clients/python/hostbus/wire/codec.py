@@ -33,6 +33,7 @@ from hostbus.wire.frames import (
     MSG_HEAD,
     MSGN_HEAD,
     RUN_ITEM,
+    RUN_MAX_ITEMS,
     SENDER,
     STORED_HEAD,
     STORED_ITEM,
@@ -75,8 +76,9 @@ class Decoder:
     sliced out of them (one copy). Only the part of a frame cut off at the end of a read is
     moved into a bytearray that gathers the rest of it.
 
-    Large frames (``big`` > 0, a reader that can read into a buffer): once the header of a frame
-    of at least ``big`` bytes is here, :meth:`reserve` returns the rest of a buffer of exactly the
+    Large frames (``big`` > 0, a reader that can read into a buffer): once a quarter of a frame
+    of at least ``big`` bytes is here (so a peer cannot make the receiver commit more than four
+    times what it sent), :meth:`reserve` returns the rest of a buffer of exactly the
     frame's size for the reader to receive into (:meth:`filled` says how much came), and the
     frame's body is returned as a read-only memoryview of that buffer (``views``; else copied out
     as bytes once): the kernel copies the bytes straight to where they are read. Frames after it
@@ -130,11 +132,12 @@ class Decoder:
             if not self.big or len(buf) - pos < HEADER_SIZE:
                 return None
             length, ftype, _ = _unpack_header(buf, pos)
-            if length + 4 < self.big or pos + 4 + length <= len(buf):
-                return None
-            self._check(length, ftype)
-            self._big = big = bytearray(length + 4)
             have = len(buf) - pos
+            if length + 4 < self.big or have >= length + 4 or have * 4 < length + 4:
+                return None  # small, complete, or less than a quarter here yet (gathered as usual)
+            if length > self.max_frame or length < 2 or ftype not in self.accept:
+                return None  # frames() reports it
+            self._big = big = bytearray(length + 4)
             big[:have] = memoryview(buf)[pos:]
             self._fill = have
             self._buf = b""
@@ -323,8 +326,8 @@ def encode_pub(
 def encode_run(topic: bytes, payloads: list[bytes], headers: bytes = b"", max_frame: int = 0) -> bytes:
     """A PUBN frame: every payload of ``payloads`` (at least one) published on ``topic`` with the
     same ``headers`` (an encoded headers block). Raises MessageTooLargeError past ``max_frame``."""
-    if not payloads:
-        raise ValueError("a run holds at least one message")
+    if not payloads or len(payloads) > RUN_MAX_ITEMS:
+        raise ValueError(f"a run holds 1 to {RUN_MAX_ITEMS} messages, not {len(payloads)}")
     parts = [b"", MSG_BLOCK.pack(len(topic), 0, len(headers)), topic, headers]
     pack = RUN_ITEM.pack
     for data in payloads:
@@ -347,6 +350,8 @@ def run_count(body: bytes, pos: int) -> int:
         while pos < end:
             pos += 4 + _item_len(body, pos)[0]
             n += 1
+            if n > RUN_MAX_ITEMS:
+                raise RemoteProtocolError(f"a run of more than {RUN_MAX_ITEMS} messages")
     except struct.error:
         raise RemoteProtocolError("a run's item length is cut off at the end of its frame") from None
     if pos != end:

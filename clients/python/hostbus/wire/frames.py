@@ -48,6 +48,9 @@ STORED_ITEM = struct.Struct("<QB")
 #: is a message block's with no reply subject, so ``head + payload`` is each message's block.
 RUN_HEAD = MSG_BLOCK
 RUN_ITEM = struct.Struct("<I")
+#: Most messages one run may hold (a PUBN with more is a protocol error): bounds the work one
+#: frame makes the broker do before it serves others, and what a subscriber decodes at once.
+RUN_MAX_ITEMS = 8192
 #: MSGN prefix: ``u32 sid, u64 sender_ref, u32 count``, then the PUBN body unchanged.
 MSGN_PREFIX = struct.Struct("<IQI")
 #: The whole MSGN frame before the run, packed in one call: header + MSGN_PREFIX.
