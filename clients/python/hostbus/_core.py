@@ -98,7 +98,12 @@ class Sink(Protocol):
 
 
 class SubscriptionState:
-    """What a subscription keeps in either client: its id and pattern, pending messages, losses."""
+    """What a subscription keeps in either client: its id and pattern, pending messages, losses.
+
+    Few objects per subscription (slots; the sync client's condition made only when a thread
+    waits): a process holding many subscriptions gives the garbage collector little to walk."""
+
+    __slots__ = ("_ended", "_items", "group", "missed", "pattern", "pending_limit", "sid")
 
     def __init__(self, sid: int, pattern: str, group: str | None, pending_limit: int) -> None:
         self.sid = sid

@@ -43,6 +43,8 @@ async def _wait(fut: asyncio.Future[Any], timeout: float | None, what: str) -> A
 class Subscription(SubscriptionState):
     """Messages matching ``pattern``: ``async for msg in sub`` or ``await sub.next()``."""
 
+    __slots__ = ("_waiters", "bus")
+
     def __init__(self, bus: Bus, sid: int, pattern: str, group: str | None, pending_limit: int) -> None:
         super().__init__(sid, pattern, group, pending_limit)
         self.bus = bus
@@ -135,6 +137,8 @@ class _Protocol(asyncio.Protocol):
 class Consumption(Subscription):
     """See :class:`hostbus.Consumption`: ``async for msg in c`` or ``await c.next()``; the
     answers ``msg.ack()`` ... are plain calls (they are written with the next batch)."""
+
+    __slots__ = ("consumer", "queue")
 
     def __init__(self, bus: Bus, sid: int, queue: str, consumer: str, pending_limit: int) -> None:
         super().__init__(bus, sid, f"{queue}/{consumer}", None, pending_limit)

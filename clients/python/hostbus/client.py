@@ -74,27 +74,31 @@ def _wait(fut: concurrent.futures.Future[Any], timeout: float | None, what: str)
 class Subscription(SubscriptionState):
     """Messages matching ``pattern``. Iterate over it, or call :meth:`next`."""
 
+    __slots__ = ("_cond", "_waiters", "bus")
+
     def __init__(self, bus: Bus, sid: int, pattern: str, group: str | None, pending_limit: int) -> None:
         super().__init__(sid, pattern, group, pending_limit)
         self.bus = bus
-        self._cond = threading.Condition()
+        # On the bus's subscription lock, made when a thread first waits in next().
+        self._cond: threading.Condition | None = None
         self._waiters = 0  # threads blocked in next()
 
     # Sink (called by the reader thread)
     def push_many(self, msgs: list[Message]) -> None:
-        with self._cond:
+        with self.bus._sub_lock:
             self._admit(msgs)
-            if self._waiters:
+            if self._waiters and self._cond is not None:
                 self._cond.notify(len(msgs))
 
     def gap(self, missed: int) -> None:
-        with self._cond:
+        with self.bus._sub_lock:
             self.missed += missed
 
     def end(self, exc: HostbusError) -> None:
-        with self._cond:
+        with self.bus._sub_lock:
             self._ended = exc
-            self._cond.notify_all()
+            if self._cond is not None:
+                self._cond.notify_all()
 
     # API
     def next(self, timeout: float | None = None) -> Message:
@@ -106,13 +110,16 @@ class Subscription(SubscriptionState):
         items = self._items
         if items:
             return items.popleft()
-        with self._cond:
+        with self.bus._sub_lock:
+            cond = self._cond
+            if cond is None:
+                cond = self._cond = threading.Condition(self.bus._sub_lock)
             while not items:
                 if self._ended is not None:
                     raise self._ended
                 self._waiters += 1
                 try:
-                    if not self._cond.wait(timeout):
+                    if not cond.wait(timeout):
                         raise HostbusTimeoutError(f"no message on {self.pattern!r} within {timeout} s")
                 finally:
                     self._waiters -= 1
@@ -140,6 +147,8 @@ class Consumption(Subscription):
     had not acknowledged go to the consumer's other members, or come again later.
     """
 
+    __slots__ = ("consumer", "queue")
+
     def __init__(self, bus: Bus, sid: int, queue: str, consumer: str, pending_limit: int) -> None:
         super().__init__(bus, sid, f"{queue}/{consumer}", None, pending_limit)
         self.queue = queue
@@ -156,6 +165,7 @@ class Bus:
         self._core.on_error = error_cb
         self._core.answer = self._answer
         self._lock = threading.RLock()  # guards core registration tables and ids
+        self._sub_lock = threading.RLock()  # guards every subscription's pending messages
         self._wlock = threading.RLock()
         self._wcond = threading.Condition(self._wlock)
         self._wbuf = bytearray()
