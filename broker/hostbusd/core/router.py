@@ -390,7 +390,7 @@ class Router:
                         continue
                     session = entry.session
                     if session.takes_runs:
-                        session.deliver_run(entry, ident, run, count)
+                        session.deliver(entry, ident, run, 0, count)
                     else:
                         if blocks is None:
                             blocks = self._split_run(run, items_at)

@@ -184,8 +184,10 @@ class Session:
         self._append(data)
         self._poke()
 
-    def deliver(self, sub: Subscription, ident: Identity, block: bytes, flags: int = 0) -> None:
-        """Hand one message to this subscriber: written soon, or queued under its policy."""
+    def deliver(self, sub: Subscription, ident: Identity, block: bytes, flags: int = 0, count: int = 0) -> None:
+        """Hand one message to this subscriber: written soon, or queued under its policy.
+        ``count`` > 0: ``block`` is a run of that many messages (a PUBN body), written as one MSGN
+        frame and queued as one item (only for a session that :attr:`takes_runs`)."""
         if self.closing:
             return
         q = sub.queue
@@ -193,34 +195,22 @@ class Session:
         # What the uid holds (queued, and written but not yet sent) is checked before each message.
         if not self.paused and not q.items and (
                 account is None or account.queued_bytes + account.written_bytes < self.account_max_queued):
-            self._write_msg(sub, ident, block, flags)
+            if count:
+                self._write_run(sub, ident, block, count)
+            else:
+                self._write_msg(sub, ident, block, flags)
             self._poke()
             return
+        self._queue(sub, (ident, block, flags, count), len(block))
+
+    def _queue(self, sub: Subscription, item: tuple[Identity, bytes, int, int], size: int) -> None:
+        """Queue a message or run under the subscription's policy, within the connection's and
+        the uid's bounds."""
+        q = sub.queue
+        account = self.account
         room = self.max_queued_bytes - self.queued_bytes
         if account is not None:
             room = min(room, self.account_max_queued - account.queued_bytes - account.written_bytes)
-        self._queue(sub, (ident, block, flags, 0), len(block), room)
-
-    def deliver_run(self, sub: Subscription, ident: Identity, run: bytes, count: int) -> None:
-        """Hand a run of ``count`` messages (a PUBN body) to this subscriber as one MSGN frame;
-        only for a session that :attr:`takes_runs`. Queued as one item under the policy."""
-        if self.closing:
-            return
-        q = sub.queue
-        account = self.account
-        if not self.paused and not q.items and (
-                account is None or account.queued_bytes + account.written_bytes < self.account_max_queued):
-            self._write_run(sub, ident, run, count)
-            self._poke()
-            return
-        room = self.max_queued_bytes - self.queued_bytes
-        if account is not None:
-            room = min(room, self.account_max_queued - account.queued_bytes - account.written_bytes)
-        self._queue(sub, (ident, run, 0, count), len(run), room)
-
-    def _queue(self, sub: Subscription, item: tuple[Identity, bytes, int, int], size: int, room: int) -> None:
-        q = sub.queue
-        account = self.account
         missed = q.missed
         try:
             delta = q.push(item, size, room)
@@ -242,22 +232,22 @@ class Session:
             self._poke()
 
     def _write_msg(self, sub: Subscription, ident: Identity, block: bytes, flags: int) -> None:
-        if ident.ref not in self.known:
-            self._announce(ident)
-        q = sub.queue
-        if q.missed:
-            self._append(wire.encode_gap(sub.sid, q.missed))
-            q.missed = 0
+        self._before_message(sub, ident)
         self._append_message(_msg_header(sub.sid, ident.ref, len(block), flags), block, _MSG_OVERHEAD)
 
     def _write_run(self, sub: Subscription, ident: Identity, run: bytes, count: int) -> None:
+        self._before_message(sub, ident)
+        self._append_message(_msgn_header(sub.sid, ident.ref, count, len(run)), run, _MSGN_OVERHEAD, count)
+
+    def _before_message(self, sub: Subscription, ident: Identity) -> None:
+        """What goes before a subscription's next message: the sender's SENDER frame if this
+        connection does not know it, and a GAP if the subscription dropped messages."""
         if ident.ref not in self.known:
             self._announce(ident)
         q = sub.queue
         if q.missed:
             self._append(wire.encode_gap(sub.sid, q.missed))
             q.missed = 0
-        self._append_message(_msgn_header(sub.sid, ident.ref, count, len(run)), run, _MSGN_OVERHEAD, count)
 
     def _announce(self, ident: Identity) -> None:
         """A SENDER frame for a sender this connection does not know yet (SENDER_RESET first

@@ -51,11 +51,11 @@ class RecordSession(Session):
     def record(self, ident: Identity, block: bytes) -> bytes:
         raise NotImplementedError
 
-    def deliver(self, sub: Subscription, ident: Identity, block: bytes, flags: int = 0) -> None:
+    def deliver(self, sub: Subscription, ident: Identity, block: bytes, flags: int = 0, count: int = 0) -> None:
         if block is self._last:
             return
         self._last = block
-        super().deliver(sub, ident, block, flags)
+        super().deliver(sub, ident, block, flags, count)
 
     def _emit_gap(self, sub: Subscription) -> None:
         sub.queue.missed = 0  # no GAP frame in a file or to ZeroMQ: the drops are counted in ``dropped``

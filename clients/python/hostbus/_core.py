@@ -462,30 +462,40 @@ class ClientCore:
         h1 = h0 + hlen
         if h1 > len(body):
             wire.split_block(body, 12)  # raises the error that says which length is wrong
-        raw_topic = body[20:t1]
-        topic = self._topic_str.get(raw_topic)
-        if topic is None:
-            topic, reply, _, _ = wire.split_block(body, 12)  # decodes and checks UTF-8
-            if len(self._topic_str) >= _TOPIC_CACHE:
-                self._topic_str.clear()
-            self._topic_str[raw_topic] = topic
+        topic = self._topic(body[20:t1], body, 12)
         reply = body[t1:h0].decode(errors="replace") if rlen else ""
         sender = self.senders.get(ref)
         if sender is None:
             raise RemoteProtocolError(f"MSG names sender {ref}, which was never announced")
         headers = wire.decode_headers(body[h0:h1]) if h1 > h0 else {}
-        msg = Message(topic, body[h1:] if payload is None else payload, headers, sender, reply or None, sid,
-                      bool(flags & wire.MSG_RETAINED), self.respond)
+        self._hand(sid, [Message(topic, body[h1:] if payload is None else payload, headers, sender, reply or None,
+                                 sid, bool(flags & wire.MSG_RETAINED), self.respond)], batches)
+
+    def _hand(self, sid: int, msgs: list[Message], batches: dict[int, list[Message]]) -> None:
+        """Messages for subscription ``sid`` into this read's batches; sid 0: replies, each to
+        the request waiting on its inbox topic."""
         if sid == 0:
-            waiter = self.requests.pop(topic, None)
-            if waiter is not None:
-                _settle(waiter, msg)
+            for msg in msgs:
+                waiter = self.requests.pop(msg.topic, None)
+                if waiter is not None:
+                    _settle(waiter, msg)
             return
         batch = batches.get(sid)
         if batch is None:
-            batches[sid] = [msg]
+            batches[sid] = msgs
         else:
-            batch.append(msg)
+            batch += msgs
+
+    def _topic(self, raw: bytes, body: bytes, block_at: int) -> str:
+        """The topic whose UTF-8 form is ``raw``, from the message block at ``body[block_at]``:
+        decoded and checked once, then remembered (a bounded cache)."""
+        topic = self._topic_str.get(raw)
+        if topic is None:
+            topic = wire.split_block(body, block_at)[0]  # decodes and checks UTF-8
+            if len(self._topic_str) >= _TOPIC_CACHE:
+                self._topic_str.clear()
+            self._topic_str[raw] = topic
+        return topic
 
     def _msgn(self, body: bytes, batches: dict[int, list[Message]]) -> None:
         """A run: ``count`` messages on one topic from one sender, with the same headers."""
@@ -497,13 +507,7 @@ class ClientCore:
         end = len(body)
         if rlen or pos > end:
             raise RemoteProtocolError("MSGN run head declares a reply subject, or more bytes than follow")
-        raw_topic = body[24:t1]
-        topic = self._topic_str.get(raw_topic)
-        if topic is None:
-            topic = wire.split_block(body[16:pos])[0]  # decodes and checks UTF-8
-            if len(self._topic_str) >= _TOPIC_CACHE:
-                self._topic_str.clear()
-            self._topic_str[raw_topic] = topic
+        topic = self._topic(body[24:t1], body, 16)
         sender = self.senders.get(ref)
         if sender is None:
             raise RemoteProtocolError(f"MSGN names sender {ref}, which was never announced")
@@ -522,17 +526,7 @@ class ClientCore:
             raise RemoteProtocolError("MSGN ends inside an item length") from None
         if pos != end:
             raise RemoteProtocolError(f"MSGN items end {pos - end} bytes off the end of its frame")
-        if sid == 0:
-            for msg in msgs:
-                waiter = self.requests.pop(topic, None)
-                if waiter is not None:
-                    _settle(waiter, msg)
-            return
-        batch = batches.get(sid)
-        if batch is None:
-            batches[sid] = msgs
-        else:
-            batch += msgs
+        self._hand(sid, msgs, batches)
 
     def _qmsg(self, body: bytes, batches: dict[int, list[Message]]) -> None:
         """A message of a topic-queue consumer: a MSG with its seq, delivery count and time."""
