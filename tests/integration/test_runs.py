@@ -3,9 +3,12 @@ every delivery kind still sees each message as if it had been published alone.""
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import struct
 import threading
+import time
 from typing import Any
 
 import hostbus
@@ -180,3 +183,23 @@ def test_a_stalled_subscriber_s_queue_drops_whole_runs_and_counts_every_message(
             assert ids[0] == 0  # what was queued first is delivered first
     with daemon.connect() as bus:
         assert bus.stats()["queued_bytes"] == 0
+
+
+def test_a_fifo_sink_writes_each_message_of_a_run_once_with_overlapping_patterns(start_daemon: Any) -> None:
+    """Regression: a sink whose patterns overlap wrote a run's messages twice, and one line for a
+    run of empty messages (their blocks were one object, taken for one message)."""
+    d = start_daemon({"fifo": {"sink": [{"path": "ev.fifo", "subjects": ["ev.>", "ev.*.temp"], "format": "json"}]}})
+    fd = os.open(d.runtime_dir / "ev.fifo", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        sent = [("ev.k.temp", b""), ("ev.k.temp", b""), ("ev.k.temp", b"21"), ("ev.k.hum", b""), ("ev.k.hum", b"")]
+        with d.connect() as bus:
+            for topic, data in sent:
+                bus.publish(topic, data)
+            bus.flush()
+            time.sleep(0.3)
+        got = os.read(fd, 1 << 20).decode().splitlines()
+    finally:
+        os.close(fd)
+    assert [(json.loads(line)["topic"], json.loads(line)["data"]) for line in got] == [
+        (t, p.decode()) for t, p in sent]
+

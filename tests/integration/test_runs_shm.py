@@ -100,3 +100,18 @@ def test_runs_stay_within_a_small_frame_limit_on_every_path(start_daemon: Any) -
             pub.flush()
         for sub in (by_socket, by_ring):
             assert [m.data for m in drain(sub, timeout=1.0)] == want + want
+
+
+def test_a_ring_message_at_the_size_limit_is_delivered_not_refused(start_daemon: Any) -> None:
+    """Regression: a message within 4 bytes of shm.max_message_bytes opened a run record 4 bytes
+    over the limit, and the broker ended the ring instead of the message being delivered."""
+    d = start_daemon({"shm": {"max_message_bytes": 4096}})
+    with d.connect() as bus:
+        sub = bus.subscribe("t")
+        with bus.shm_publisher(slots=4, slot_size=64 * 1024) as pub:
+            pub.publish("t", b"x" * 4087)  # 8 + 1 + 4087 = 4096: exactly the limit
+            pub.publish("t", b"y" * 10)
+            with pytest.raises(hostbus.MessageTooLargeError):
+                pub.publish("t", b"z" * 4088)
+            pub.flush()
+        assert [len(m.data) for m in drain(sub)] == [4087, 10]

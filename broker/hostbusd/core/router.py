@@ -384,25 +384,30 @@ class Router:
                     owner.deliver(owner.inbox, ident, block)
                 n = count
         else:
+            one_by_one: list[Subscription | QueueGroup] = []
             for entry in self.index.match(topic):
                 if type(entry) is Subscription:
                     if entry.acl is not None and not entry.acl.may_receive(topic):
                         continue
-                    session = entry.session
-                    if session.takes_runs:
-                        session.deliver(entry, ident, run, 0, count)
+                    if entry.session.takes_runs:
+                        entry.session.deliver(entry, ident, run, 0, count)
                     else:
-                        if blocks is None:
-                            blocks = self._split_run(run, items_at)
-                        for block in blocks:
-                            session.deliver(entry, ident, block)
+                        one_by_one.append(entry)
                 else:
-                    if blocks is None:
-                        blocks = self._split_run(run, items_at)
-                    for block in blocks:
-                        sub = entry.pick()  # type: ignore[union-attr]
-                        sub.session.deliver(sub, ident, block)
+                    one_by_one.append(entry)
                 n += count
+            if one_by_one:
+                # Message by message, each to every such entry before the next message, as
+                # single publishes would be: a session holding several of them (a FIFO sink or
+                # gateway with overlapping patterns) sees one message at a time (RecordSession).
+                blocks = self._split_run(run, items_at)
+                for block in blocks:
+                    for entry in one_by_one:
+                        if type(entry) is Subscription:
+                            entry.session.deliver(entry, ident, block)
+                        else:
+                            sub = entry.pick()  # type: ignore[union-attr]
+                            sub.session.deliver(sub, ident, block)
         stats.deliveries += n
         queues = self.queues
         if queues is not None and queues.queues:

@@ -42,19 +42,25 @@ class RecordSession(Session):
     Drops are counted in ``dropped`` (there is no GAP frame for a file or a ZeroMQ peer).
     """
 
-    __slots__ = ("_last",)
+    __slots__ = ("_last", "_last_sub")
 
     def __init__(self, ident: Identity, *, batch_bytes: int, max_queued_bytes: int) -> None:
         super().__init__(ident, batch_bytes=batch_bytes, max_queued_bytes=max_queued_bytes)
         self._last: bytes | None = None
+        self._last_sub: Subscription | None = None
 
     def record(self, ident: Identity, block: bytes) -> bytes:
         raise NotImplementedError
 
     def deliver(self, sub: Subscription, ident: Identity, block: bytes, flags: int = 0, count: int = 0) -> None:
-        if block is self._last:
+        # One record per message however many of this session's patterns match it: the router
+        # hands a message to each matching subscription in a row, so the same block for another
+        # subscription right after is the same message (the same block for the same
+        # subscription is a new one: the empty messages of a run share one block object).
+        if block is self._last and sub is not self._last_sub:
             return
         self._last = block
+        self._last_sub = sub
         super().deliver(sub, ident, block, flags, count)
 
     def _emit_gap(self, sub: Subscription) -> None:

@@ -127,7 +127,7 @@ class RingSession(Session):
         """A run record: the run as it came, behind the same head as a message's record; a run
         larger than the ring's message limit (from a socket publisher: up to max_frame_bytes) as
         a record per message instead."""
-        if len(run) > cast("Ring", self.egress).service.max_message_bytes:
+        if len(run) > cast("Ring", self.egress).max_message_bytes:
             tlen, _, hlen = wire.frames.RUN_HEAD.unpack_from(run, 0)
             items_at = 8 + tlen + hlen
             for payload in wire.run_payloads(run, items_at):
@@ -183,7 +183,10 @@ class Ring(LoopEgress):
         self.report = b""  # a partial u32 count from the helper
         self.slots_in = 0
         self.msgs_in = 0
-        self.reader = layout.SlotReader(slot_size, service.max_message_bytes + 64)
+        # The message limit in force when the ring was made, told to the client: a reload that
+        # changes shm.max_message_bytes applies to rings made after it.
+        self.max_message_bytes = service.max_message_bytes
+        self.reader = layout.SlotReader(slot_size, self.max_message_bytes + 64)
         self.writer = layout.SlotWriter(self.mm, slots, slot_size)  # deliver
         self.pending: collections.deque[tuple[bytes, bytes]] = collections.deque()  # deliver: waiting for slots
         self.session: RingSession | None = None
@@ -257,7 +260,7 @@ class Ring(LoopEgress):
         self.owner.send(wire.encode_json(wire.FrameType.RESULT, {
             "ring": self.id, "token": self.token, "direction": self.direction, "slots": self.slots,
             "slot_size": self.slot_size, "free": self.names["free"], "filled": self.names["filled"],
-            "max_message_bytes": self.service.max_message_bytes,
+            "max_message_bytes": self.max_message_bytes,
         }, U32.pack(self.call_id)))
 
     def _expire(self) -> None:
@@ -385,7 +388,7 @@ class Ring(LoopEgress):
         if used > self.slot_size - layout.SLOT_HEAD.size:
             raise layout.RingFormatError(f"slot declares {used} bytes, more than it holds")
         fixed = layout.PUB_RECORD
-        limit = self.service.max_message_bytes
+        limit = self.max_message_bytes
         for _ in range(count):
             if pos + fixed.size > end:
                 raise layout.RingFormatError("record head past the end of the slot")

@@ -16,6 +16,7 @@ import os
 import socket as _socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
@@ -109,18 +110,24 @@ class Subscription(SubscriptionState):
         """
         items = self._items
         if items:
-            return items.popleft()
+            try:
+                return items.popleft()
+            except IndexError:  # another thread took the last one meanwhile: wait below
+                pass
         with self.bus._sub_lock:
             cond = self._cond
             if cond is None:
                 cond = self._cond = threading.Condition(self.bus._sub_lock)
+            deadline = None if timeout is None else time.monotonic() + timeout
             while not items:
                 if self._ended is not None:
                     raise self._ended
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise HostbusTimeoutError(f"no message on {self.pattern!r} within {timeout} s")
                 self._waiters += 1
                 try:
-                    if not cond.wait(timeout):
-                        raise HostbusTimeoutError(f"no message on {self.pattern!r} within {timeout} s")
+                    cond.wait(left)  # a timeout is judged by the loop: a message may have come as it expired
                 finally:
                     self._waiters -= 1
             return items.popleft()

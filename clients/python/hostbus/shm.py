@@ -174,7 +174,8 @@ class RingWriter(_Ring):
                                        f"{self.max_message_bytes} (shm.max_message_bytes); nothing was written")
         self.run_at = -1
         self.run_slot = -1  # whatever this record is, no later message may join an earlier run
-        if not retain and len(data) <= _RUN_ITEM_MAX and size + 9 <= self.writer.cap:
+        if not retain and len(data) <= _RUN_ITEM_MAX and size + 9 <= self.writer.cap \
+                and size + 4 <= self.max_message_bytes:  # a run record's block is 4 bytes longer
             self.run_topic = tb
             self.run_headers = hb
             self.run_size = size + 4
