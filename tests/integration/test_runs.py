@@ -203,3 +203,28 @@ def test_a_fifo_sink_writes_each_message_of_a_run_once_with_overlapping_patterns
     assert [(json.loads(line)["topic"], json.loads(line)["data"]) for line in got] == [
         (t, p.decode()) for t, p in sent]
 
+
+
+def test_a_large_message_reaches_every_kind_of_destination_intact(daemon: Daemon) -> None:
+    """A frame of 512 KiB or more is received in place: forwarded from there to socket
+    subscribers, copied for the retained store, a topic queue and a deliver ring."""
+    payload = os.urandom(1 << 20)
+    with daemon.connect("sub") as bus, daemon.connect("pub") as pub:
+        plain = bus.subscribe("big.>", pending_limit=100)
+        ring = bus.subscribe("big.r", via="shm", pending_limit=100)
+        bus.queue_add("bigq", "big.q")
+        for topic in ("big.x", "big.q", "big.r"):
+            pub.publish(topic, payload)
+        pub.publish("big.k", payload, retain=True)
+        pub.publish("big.x", payload[:1000])  # small after large: the stream goes on
+        pub.flush()
+        got = [(m.topic, m.data == payload) for m in drain(plain, timeout=1.0)]
+        assert got == [("big.x", True), ("big.q", True), ("big.r", True), ("big.k", True), ("big.x", False)]
+        assert [m.data == payload for m in drain(ring, timeout=1.0)] == [True]
+        consumer = bus.consume("bigq", "c")
+        stored = consumer.next(timeout=5)
+        assert stored.data == payload
+        stored.ack()
+        late = bus.subscribe("big.k")
+        retained = late.next(timeout=5)
+        assert retained.retained and retained.data == payload
