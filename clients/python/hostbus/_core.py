@@ -16,6 +16,8 @@ from collections.abc import Callable
 from typing import Any, Protocol, cast
 
 from hostbus import topics, wire
+from hostbus._heap import LARGE as _LARGE
+from hostbus._heap import large_message
 from hostbus.errors import (
     ConnectionLostError,
     ErrorCode,
@@ -468,6 +470,8 @@ class ClientCore:
         if sender is None:
             raise RemoteProtocolError(f"MSG names sender {ref}, which was never announced")
         headers = wire.decode_headers(body[h0:h1]) if h1 > h0 else {}
+        if len(body) >= _LARGE:
+            large_message()
         self._hand(sid, [Message(topic, body[h1:] if payload is None else payload, headers, sender, reply or None,
                                  sid, bool(flags & wire.MSG_RETAINED), self.respond)], batches)
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from hostbus import paths
 from hostbus._core import RUN_MAX_ITEM, RUN_MAX_ITEMS, ClientCore, SubscriptionState, as_hostbus_error
+from hostbus._heap import large_message
 from hostbus.errors import ClosedError, ConnectionLostError, HostbusError
 from hostbus.errors import TimeoutError as HostbusTimeoutError
 from hostbus.message import Message
@@ -633,6 +634,7 @@ class Bus:
             while True:
                 target = decoder.reserve()
                 if target is not None:
+                    large_message()
                     with target:
                         n = sock.recv_into(target)
                     if not n:

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from hostbus import ring as layout
 from hostbus import topics, wire
+from hostbus._heap import LARGE as _LARGE
+from hostbus._heap import large_message
 from hostbus.errors import ConnectionLostError, MessageTooLargeError, RingClosedError, error_from_code
 from hostbus.errors import TimeoutError as HostbusTimeoutError
 from hostbus.message import Message, Sender
@@ -425,6 +427,8 @@ class DeliverRing(_Ring):
                     self.push(sink, earlier)
                 self.gap(sink, uid)
             return
+        if end - start >= _LARGE:
+            large_message()
         o0 = start + fixed.size
         b0 = o0 + olen
         tlen, rlen, hlen = _MSG_BLOCK.unpack_from(buf, b0)
