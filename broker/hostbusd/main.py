@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from hostbus import paths
+from hostbus._heap import keep_freed_buffers
 from hostbusd import __version__, logs, systemd
 from hostbusd.broker import Broker
 from hostbusd.config import Config, ConfigError, FifoIngressConfig, FifoSinkConfig, json_schema, load
@@ -459,17 +460,6 @@ class Runtime:
 #: at most is a few MB.
 GC_THRESHOLDS = (100_000, 50, 100)
 
-#: The C heap's mmap threshold and trim threshold (glibc mallopt) while the daemon runs. By
-#: default a buffer over 128 KiB (a large message) gets pages of its own from the kernel and
-#: gives them back when freed, so every large message paid page faults and zeroing for each of
-#: its buffers: ~0.8 ms of broker time per 1 MiB message, against ~0.3 ms with these. The cost:
-#: after a burst of large messages the broker may keep up to HEAP_KEEP_BYTES of freed heap until
-#: it is reused.
-HEAP_MMAP_THRESHOLD = 16 * 1024 * 1024
-HEAP_KEEP_BYTES = 64 * 1024 * 1024
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-
 
 def release_startup_memory() -> None:
     """Give the C heap that start-up used and freed (reading the configuration, building its
@@ -479,10 +469,11 @@ def release_startup_memory() -> None:
     gc.collect()
     gc.set_threshold(*GC_THRESHOLDS)
     with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None)
-        libc.malloc_trim(0)  # glibc; elsewhere there is nothing to call
-        libc.mallopt(_M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD)
-        libc.mallopt(_M_TRIM_THRESHOLD, HEAP_KEEP_BYTES)
+        ctypes.CDLL(None).malloc_trim(0)  # glibc; elsewhere there is nothing to call
+    # Freed large buffers are kept for reuse, not returned to the kernel one by one: without it
+    # every large message paid page faults and zeroing for each of its buffers (~0.8 ms of
+    # broker time per 1 MiB message, against ~0.3 ms). hostbus._heap says what it costs.
+    keep_freed_buffers()
 
 
 def status_line(broker: Broker) -> str:

@@ -347,8 +347,8 @@ def test_queued_bytes_per_uid_bound_what_stalled_connections_hold(
         held_now = d.status()["VmRSS"] * 1024 - before
         queued = pub.stats()["uids"][str(people.bob[0])]["queued_bytes"]
         assert queued <= bound
-        # Allow the message's two buffers, which the heap keeps for reuse once freed (HEAP_KEEP_BYTES
-        # in hostbusd.main), and 8 MiB for the allocator; unbounded, bob's uid would make the broker
+        # Allow the message's two buffers, which the heap keeps for reuse once freed (KEEP_BYTES
+        # in hostbus._heap), and 8 MiB for the allocator; unbounded, bob's uid would make the broker
         # hold about n x size (64 MiB).
         assert held_now <= bound + 2 * size + 8 * 1024 * 1024, f"{held_now / 2**20:.0f} MiB held for bob's uid"
 

@@ -25,15 +25,20 @@ _M_MMAP_THRESHOLD = -3
 _done = False
 
 
+def keep_freed_buffers() -> None:
+    """Raise glibc's mmap threshold to MMAP_THRESHOLD and its trim threshold to KEEP_BYTES: for a
+    process that moves large messages (the library on its first one, hostbusd at start)."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to tune
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, KEEP_BYTES)
+
+
 def large_message() -> None:
     """A large message is being handled: tune the heap for them (once, see the module docstring)."""
     global _done  # once per process
     if _done:
         return
     _done = True
-    if os.environ.get("HOSTBUS_HEAP_TUNING", "1") == "0":
-        return
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to tune
-        libc = ctypes.CDLL(None)
-        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-        libc.mallopt(_M_TRIM_THRESHOLD, KEEP_BYTES)
+    if os.environ.get("HOSTBUS_HEAP_TUNING", "1") != "0":
+        keep_freed_buffers()

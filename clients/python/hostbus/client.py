@@ -237,15 +237,16 @@ class Bus:
                          f"confirm of a publish on {topic!r}")
         core = self._core
         run = self._run
+        tb = core._topic_bytes.get(topic)
         if (headers is None and type(data) is bytes and not (retain or reply_to or confirm) and run.at >= 0
-                and core._topic_bytes.get(topic) is run.topic):
+                and tb is run.topic):
             # The common case, kept short: one more message joins the run open at the end of the
             # buffer (same topic, no headers; checked again under the lock).
             n = len(data)
             with self._wlock:
                 wbuf = self._wbuf
                 at = run.at
-                if (at >= 0 and run.topic is core._topic_bytes.get(topic) and not run.headers and not self._closing
+                if (at >= 0 and run.topic is tb and not run.headers and not self._closing
                         and core.lost is None and len(wbuf) + self._chunk_bytes < self._max_buffer
                         and not core.pending_acks and n <= RUN_MAX_ITEM and len(wbuf) - at + 4 + n <= run.limit
                         and run.items < RUN_MAX_ITEMS):
