@@ -1,7 +1,8 @@
 """Benchmark: shared-memory rings against the socket path, in the same run.
 
 Two shapes, each measured at the subscriber from its first to its last message, publisher and
-subscriber in processes of their own, against one hostbusd started for the run:
+subscriber in processes of their own, against one hostbusd started for the run (the CPU time
+each of the three spent per message is reported with the rate):
 
 * 64-byte messages, 1 publisher -> 1 subscriber: published through a publish ring (the
   subscriber on the socket) vs. published over the socket;
@@ -41,6 +42,7 @@ def subscriber(sock: str, via: str, count: int, size: int, ready: Any, result: A
     ready.set()
     sub.next(timeout=60)
     t0 = time.perf_counter()
+    cpu0 = time.process_time()
     n = 1
     nbytes = size
     while n + sub.missed < count:
@@ -51,7 +53,8 @@ def subscriber(sock: str, via: str, count: int, size: int, ready: Any, result: A
         n += 1
         nbytes += len(m.data)
     dt = time.perf_counter() - t0
-    result.put({"received": n, "missed": sub.missed, "seconds": dt, "bytes": nbytes})
+    result.put({"received": n, "missed": sub.missed, "seconds": dt, "bytes": nbytes,
+                "cpu": time.process_time() - cpu0})
     bus.close()
 
 
@@ -59,6 +62,7 @@ def publisher(sock: str, via: str, count: int, size: int, result: Any) -> None:
     bus = hostbus.connect(sock, name="bench-pub")
     payload = os.urandom(size)
     t0 = time.perf_counter()
+    cpu0 = time.process_time()
     if via == "shm":
         pub = bus.shm_publisher(slots=64 if size < 4096 else 8, slot_size=256 * 1024 if size < 4096 else 4 * MiB)
         publish = pub.publish
@@ -71,7 +75,7 @@ def publisher(sock: str, via: str, count: int, size: int, result: Any) -> None:
         for _ in range(count):
             publish("bench.x", payload)
         bus.flush(timeout=120)
-    result.put({"publish_seconds": time.perf_counter() - t0})
+    result.put({"publish_seconds": time.perf_counter() - t0, "cpu": time.process_time() - cpu0})
     bus.close()
 
 
@@ -88,10 +92,12 @@ def one_run(pub_via: str, sub_via: str, count: int, size: int) -> dict[str, Any]
         sp.start()
         if not ready.wait(30):
             raise RuntimeError("subscriber did not subscribe")
+        broker_cpu = cpu_seconds(proc.pid)
         pp = ctx.Process(target=publisher, args=(str(sock), pub_via, count, size, pubq))
         pp.start()
         sub_res = subq.get(timeout=600)
-        pubq.get(timeout=600)
+        pub_res = pubq.get(timeout=600)
+        broker_cpu = cpu_seconds(proc.pid) - broker_cpu
         sp.join(30)
         pp.join(30)
         with hostbus.connect(sock) as bus:
@@ -102,7 +108,15 @@ def one_run(pub_via: str, sub_via: str, count: int, size: int) -> dict[str, Any]
         shutil.rmtree(workdir, ignore_errors=True)
     return {"msgs_per_s": sub_res["received"] / sub_res["seconds"],
             "mb_per_s": sub_res["bytes"] / sub_res["seconds"] / 1e6,
-            "lost": count - sub_res["received"] + dropped, "broker_peak_rss_mib": rss / 1024}
+            "lost": count - sub_res["received"] + dropped, "broker_peak_rss_mib": rss / 1024,
+            "cpu_us_per_msg": {"publisher": pub_res["cpu"] / count * 1e6, "broker": broker_cpu / count * 1e6,
+                               "subscriber": sub_res["cpu"] / count * 1e6}}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> int:
@@ -126,8 +140,9 @@ def main() -> int:
     print(f"# hostbus rings vs socket, {args.repeats} runs each, medians (min - max)")
     print(f"# {platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}, "
           f"{platform.system()} {platform.release()}")
-    print("| path | received (median) | min - max | lost | broker peak RSS MiB |")
-    print("|---|---|---|---|---|")
+    print("| path | received (median) | min - max | lost | broker peak RSS MiB | CPU us/msg: publisher, broker, "
+          "subscriber |")
+    print("|---|---|---|---|---|---|")
     medians = {}
     for name, *_, key in shapes:
         vals = [r[key] for r in results[name]]
@@ -135,7 +150,9 @@ def main() -> int:
         medians[name] = statistics.median(vals)
         print(f"| {name} | {medians[name]:,.0f} {unit} | {min(vals):,.0f} - {max(vals):,.0f} | "
               f"{sum(r['lost'] for r in results[name])} | "
-              f"{max(r['broker_peak_rss_mib'] for r in results[name]):.0f} |")
+              f"{max(r['broker_peak_rss_mib'] for r in results[name]):.0f} | "
+              + ", ".join(f"{statistics.median(r['cpu_us_per_msg'][role] for r in results[name]):.2f}"
+                          for role in ("publisher", "broker", "subscriber")) + " |")
     print(f"# 64 B ring -> socket / socket: {medians[shapes[1][0]] / medians[shapes[0][0]]:.2f}x; "
           f"64 B rings / socket: {medians[shapes[2][0]] / medians[shapes[0][0]]:.2f}x; "
           f"1 MiB rings / socket: {medians[shapes[4][0]] / medians[shapes[3][0]]:.2f}x")

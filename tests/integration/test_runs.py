@@ -3,6 +3,8 @@ every delivery kind still sees each message as if it had been published alone.""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -228,3 +230,78 @@ def test_a_large_message_reaches_every_kind_of_destination_intact(daemon: Daemon
         late = bus.subscribe("big.k")
         retained = late.next(timeout=5)
         assert retained.retained and retained.data == payload
+
+
+def _wait_pending(sub: Any, n: int) -> None:
+    deadline = time.monotonic() + 10
+    while sub.pending < n and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def test_threads_taking_from_one_subscription_get_each_message_of_its_runs_once(daemon: Daemon) -> None:
+    """A run waits as its payloads; the message being taken is handed out without a lock, so
+    threads sharing a subscription must still each get different messages, none twice."""
+    n = 60_000
+    with daemon.connect("sub") as sb, daemon.connect("pub") as pb:
+        sub = sb.subscribe("many", pending_limit=n)
+        for i in range(n):
+            pb.publish("many", b"%d" % i)
+        pb.flush()
+        _wait_pending(sub, n)
+        assert sub.pending == n  # a run counts as its messages
+        taken: list[list[int]] = [[] for _ in range(4)]
+
+        def take(out: list[int]) -> None:
+            with contextlib.suppress(hostbus.TimeoutError):
+                while True:
+                    out.append(int(sub.next(timeout=0.5).data))
+
+        threads = [threading.Thread(target=take, args=(out,)) for out in taken]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(i for out in taken for i in out) == list(range(n))
+        assert all(out == sorted(out) for out in taken)  # each thread sees them in order
+        assert sum(1 for out in taken if out) > 1, [len(out) for out in taken]  # they did share
+        assert sub.pending == 0
+
+
+def test_a_pending_limit_cuts_a_run_and_counts_each_message_it_drops(daemon: Daemon) -> None:
+    with daemon.connect("sub") as sb, daemon.connect("pub") as pb:
+        sub = sb.subscribe("cut", pending_limit=1000)
+        for i in range(5000):
+            pb.publish("cut", b"%d" % i)
+        pb.flush()
+        deadline = time.monotonic() + 10
+        while sub.pending + sub.missed < 5000 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert (sub.pending, sub.missed) == (1000, 4000)
+        first = sub.next(timeout=1)
+        assert sub.pending == 999
+        assert [first.data, *(m.data for m in drain(sub))] == [b"%d" % i for i in range(1000)]
+        pb.publish("cut", b"later")  # room again
+        pb.flush()
+        assert sub.next(timeout=5).data == b"later"
+
+
+def test_the_asyncio_client_takes_runs_in_order_and_counts_them(daemon: Daemon) -> None:
+    from hostbus import aio
+
+    async def main() -> tuple[list[bytes], int, int]:
+        async with await aio.connect(daemon.socket) as bus, await aio.connect(daemon.socket) as pub:
+            sub = await bus.subscribe("arun", pending_limit=3000)
+            for i in range(5000):
+                await pub.publish("arun", b"%d" % i, headers={"n": "1"} if i >= 2000 else None)
+            await pub.flush()
+            deadline = time.monotonic() + 10
+            while sub.pending + sub.missed < 5000 and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            pending, missed = sub.pending, sub.missed
+            got = [await sub.next(timeout=1) for _ in range(pending)]
+            assert [m.headers for m in got] == [{}] * 2000 + [{"n": "1"}] * 1000
+            return [m.data for m in got], pending, missed
+
+    got, pending, missed = asyncio.run(main())
+    assert (pending, missed) == (3000, 2000)
+    assert got == [b"%d" % i for i in range(3000)]

@@ -15,6 +15,7 @@ import struct
 from collections import Counter
 from typing import Any
 
+import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -504,3 +505,33 @@ def test_receiving_large_frames_in_place_gives_the_same_frames(data: bytes, cuts
         got_error = exc.code
     assert got == expected
     assert got_error == error
+
+
+@given(st.lists(st.binary(max_size=40), min_size=1, max_size=60), st.booleans())
+def test_run_payloads_gives_back_what_was_encoded_whether_or_not_the_items_are_of_one_size(
+        payloads: list[bytes], same_size: bool) -> None:
+    if same_size:  # the strided check of one-size runs
+        payloads = [p.ljust(8, b".")[:8] for p in payloads]
+    body = wire.encode_run(b"t", payloads)[6:]
+    items_at = 9
+    assert wire.run_payloads(body, items_at) == payloads
+    assert wire.run_payloads(body, items_at, len(body), len(payloads)) == payloads
+    with pytest.raises(RemoteProtocolError):
+        wire.run_payloads(body, items_at, count=len(payloads) + 1)
+
+
+@given(st.binary(min_size=4, max_size=64), st.integers(min_value=0, max_value=60),
+       st.integers(min_value=1, max_value=8))
+def test_run_payloads_of_any_bytes_either_refuses_them_or_reads_exactly_them(
+        raw: bytes, length: int, repeat: int) -> None:
+    # Items of one claimed size, one of whose length bytes may have been changed: the strided
+    # check must not accept what the item-by-item reading refuses, nor read something else.
+    body = (struct.pack("<I", length) + raw[:length].ljust(length, b"z")) * repeat
+    flip = raw[0] % len(body)
+    body = body[:flip] + bytes([body[flip] ^ (raw[-1] | 1)]) + body[flip + 1:]
+    try:
+        got = wire.run_payloads(body, 0)
+    except RemoteProtocolError:
+        return
+    assert b"".join(struct.pack("<I", len(p)) + p for p in got) == body
+

@@ -595,3 +595,13 @@ def test_an_empty_run_cannot_be_encoded_and_one_past_the_frame_limit_is_refused(
         wire.encode_run(b"t", [])
     with pytest.raises(MessageTooLargeError):
         wire.encode_run(b"t", [b"x" * 100], max_frame=100)
+
+
+def test_run_payloads_reads_a_run_inside_a_larger_buffer_only_up_to_its_end() -> None:
+    inner = b"".join(struct.pack("<I", 3) + b"abc" for _ in range(5))
+    buf = b"HEAD" + inner + struct.pack("<I", 3) + b"zzz"  # a further item past the end
+    assert wire.run_payloads(buf, 4, 4 + len(inner), 5) == [b"abc"] * 5
+    with pytest.raises(RemoteProtocolError, match="declares 4 messages and holds 5"):
+        wire.run_payloads(buf, 4, 4 + len(inner), 4)
+    with pytest.raises(RemoteProtocolError, match="cut off"):
+        wire.run_payloads(buf, 4, 4 + len(inner) + 2)

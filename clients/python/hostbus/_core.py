@@ -9,10 +9,11 @@ in the asyncio one. The shells own the socket and the threads or tasks.
 from __future__ import annotations
 
 import itertools
+import operator
 import os
 import struct
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol, cast
 
 from hostbus import topics, wire
@@ -27,7 +28,7 @@ from hostbus.errors import (
     RemoteProtocolError,
     error_from_code,
 )
-from hostbus.message import Message, QueueMessage, Sender
+from hostbus.message import Entry, Message, QueueMessage, Sender
 from hostbus.wire import FrameType
 
 CLIENT_NAME = "hostbus-py/0.1"
@@ -45,7 +46,6 @@ _MSGN_FIXED = struct.Struct("<IQIHHI")  # MSGN prefix (sid, sender ref, count) +
 _RUN_START = struct.Struct("<IBBHHI").pack  # PUBN frame head + run head (length patched later)
 _pack_u32 = _U32.pack
 _pack_u32_into = _U32.pack_into
-_item_len = _U32.unpack_from
 _PUBN = int(FrameType.PUBN)
 #: A run (PUBN frame) is closed at this size; larger payloads are published on their own. A run
 #: shares one frame head, one topic check and one routing decision among its messages.
@@ -94,18 +94,27 @@ class Waiter(Protocol):
 class Sink(Protocol):
     """Where a subscription's messages go."""
 
-    def push_many(self, msgs: list[Message]) -> None: ...
+    def push_many(self, entries: list[Entry]) -> None: ...
     def gap(self, missed: int) -> None: ...
     def end(self, exc: HostbusError) -> None: ...
+
+
+#: The cursor of a subscription with no run being taken: (payload iterator, topic, headers,
+#: sender, sid, respond), as made from a Run when its first message is taken.
+_NO_RUN: tuple[Iterator[bytes], str, dict[str, str] | None, Sender, int, Callable[..., Any] | None] = (
+    iter(()), "", None, Sender(0, 0, 0), 0, None)
 
 
 class SubscriptionState:
     """What a subscription keeps in either client: its id and pattern, pending messages, losses.
 
     Few objects per subscription (slots; the sync client's condition made only when a thread
-    waits): a process holding many subscriptions gives the garbage collector little to walk."""
+    waits): a process holding many subscriptions gives the garbage collector little to walk.
+    Pending messages are single messages and runs (``Run``: a list of payloads); the run being
+    taken is the cursor ``_cur``, whose messages any thread takes without a lock (a list
+    iterator hands each payload out once), and which the owner replaces under its lock."""
 
-    __slots__ = ("_ended", "_items", "group", "missed", "pattern", "pending_limit", "sid")
+    __slots__ = ("_cur", "_ended", "_items", "_queued", "group", "missed", "pattern", "pending_limit", "sid")
 
     def __init__(self, sid: int, pattern: str, group: str | None, pending_limit: int) -> None:
         self.sid = sid
@@ -113,21 +122,59 @@ class SubscriptionState:
         self.group = group
         self.pending_limit = pending_limit
         self.missed = 0  # messages lost: dropped by the broker (GAP) or here past pending_limit
-        self._items: deque[Message] = deque()
+        self._items: deque[Entry] = deque()
+        self._queued = 0  # messages in _items
+        self._cur = _NO_RUN
         self._ended: HostbusError | None = None
 
-    def _admit(self, msgs: list[Message]) -> None:
-        """Queue ``msgs`` up to ``pending_limit``; the rest are dropped and counted in ``missed``."""
-        room = self.pending_limit - len(self._items)
-        if room < len(msgs):
-            self.missed += len(msgs) - max(room, 0)
-            msgs = msgs[: max(room, 0)]
-        self._items.extend(msgs)
+    def _admit(self, entries: list[Entry]) -> None:
+        """Queue ``entries`` up to ``pending_limit`` messages; the rest are dropped and counted in
+        ``missed`` (a run that does not fit is cut)."""
+        room = self.pending_limit - self.pending
+        items = self._items
+        for entry in entries:
+            n = len(entry[0]) if isinstance(entry, tuple) else 1
+            if n > room:
+                self.missed += n - max(room, 0)
+                if room <= 0 or not isinstance(entry, tuple):
+                    continue
+                payloads, topic, headers, sender, sid, respond = entry
+                cut: Entry = (payloads[:room], topic, headers, sender, sid, respond)
+                n = room
+            else:
+                cut = entry
+            if n:
+                items.append(cut)
+                self._queued += n
+                room -= n
+
+    def _take(self) -> Message | None:
+        """The next message of the run being taken, or None; safe without a lock."""
+        it, topic, headers, sender, sid, respond = self._cur
+        data = next(it, None)
+        if data is None:
+            return None
+        return Message(topic, data, dict(headers) if headers else {}, sender, None, sid, False, respond)
+
+    def _take_queued(self) -> Message | None:
+        """The next pending message, or None; the sync client calls it under its lock."""
+        msg = self._take()
+        items = self._items
+        while msg is None and items:
+            entry = items.popleft()
+            if not isinstance(entry, tuple):
+                self._queued -= 1
+                return entry
+            payloads = entry[0]
+            self._queued -= len(payloads)
+            self._cur = (iter(payloads), *entry[1:])
+            msg = self._take()
+        return msg
 
     @property
     def pending(self) -> int:
         """Messages received and not yet taken."""
-        return len(self._items)
+        return self._queued + operator.length_hint(self._cur[0])
 
 
 class BatchConfirms:
@@ -410,7 +457,7 @@ class ClientCore:
     def receive(self, data: bytes) -> None:
         """Dispatch every complete frame in ``data``. Raises RemoteProtocolError on garbage."""
         self.decoder.feed(data)
-        batches: dict[int, list[Message]] = {}
+        batches: dict[int, list[Entry]] = {}
         try:
             while True:
                 frames = self.decoder.frames()
@@ -437,14 +484,14 @@ class ClientCore:
             if batches:
                 self._push(batches)
 
-    def _push(self, batches: dict[int, list[Message]]) -> None:
+    def _push(self, batches: dict[int, list[Entry]]) -> None:
         for sid, msgs in batches.items():
             sink = self.sinks.get(sid)
             if sink is not None:
                 sink.push_many(msgs)
         batches.clear()
 
-    def _msg_view(self, flags: int, body: memoryview, batches: dict[int, list[Message]]) -> None:
+    def _msg_view(self, flags: int, body: memoryview, batches: dict[int, list[Entry]]) -> None:
         """A MSG whose body is a view of the buffer it was received into: its payload is copied
         out once; the rest is read as for any MSG."""
         if len(body) < 20:
@@ -455,7 +502,7 @@ class ClientCore:
             wire.split_block(bytes(body[:20]), 12)  # raises the error that says which length is wrong
         self._msg(flags, bytes(body[:h1]), batches, body[h1:].tobytes())
 
-    def _msg(self, flags: int, body: bytes, batches: dict[int, list[Message]], payload: bytes | None = None) -> None:
+    def _msg(self, flags: int, body: bytes, batches: dict[int, list[Entry]], payload: bytes | None = None) -> None:
         if len(body) < 20:
             raise RemoteProtocolError("MSG frame too short for its 12-byte prefix and 8-byte block header")
         sid, ref, tlen, rlen, hlen = _MSG_FIXED.unpack_from(body, 0)
@@ -475,14 +522,15 @@ class ClientCore:
         self._hand(sid, [Message(topic, body[h1:] if payload is None else payload, headers, sender, reply or None,
                                  sid, bool(flags & wire.MSG_RETAINED), self.respond)], batches)
 
-    def _hand(self, sid: int, msgs: list[Message], batches: dict[int, list[Message]]) -> None:
+    def _hand(self, sid: int, msgs: list[Entry], batches: dict[int, list[Entry]]) -> None:
         """Messages for subscription ``sid`` into this read's batches; sid 0: replies, each to
         the request waiting on its inbox topic."""
         if sid == 0:
             for msg in msgs:
-                waiter = self.requests.pop(msg.topic, None)
-                if waiter is not None:
-                    _settle(waiter, msg)
+                for reply in _messages(msg):
+                    waiter = self.requests.pop(reply.topic, None)
+                    if waiter is not None:
+                        _settle(waiter, reply)
             return
         batch = batches.get(sid)
         if batch is None:
@@ -501,7 +549,7 @@ class ClientCore:
             self._topic_str[raw] = topic
         return topic
 
-    def _msgn(self, body: bytes, batches: dict[int, list[Message]]) -> None:
+    def _msgn(self, body: bytes, batches: dict[int, list[Entry]]) -> None:
         """A run: ``count`` messages on one topic from one sender, with the same headers."""
         if len(body) < 24:
             raise RemoteProtocolError("MSGN frame too short for its 16-byte prefix and 8-byte run head")
@@ -516,23 +564,10 @@ class ClientCore:
         if sender is None:
             raise RemoteProtocolError(f"MSGN names sender {ref}, which was never announced")
         headers = wire.decode_headers(body[t1:pos]) if hlen else None
-        respond = self.respond
-        msgs: list[Message] = []
-        append = msgs.append
-        try:
-            for _ in range(count):
-                n = _item_len(body, pos)[0]
-                pos += 4
-                append(Message(topic, body[pos:pos + n], dict(headers) if headers else {}, sender, None, sid, False,
-                               respond))
-                pos += n
-        except struct.error:
-            raise RemoteProtocolError("MSGN ends inside an item length") from None
-        if pos != end:
-            raise RemoteProtocolError(f"MSGN items end {pos - end} bytes off the end of its frame")
-        self._hand(sid, msgs, batches)
+        payloads = wire.run_payloads(body, pos, end, count)
+        self._hand(sid, [(payloads, topic, headers, sender, sid, self.respond)], batches)
 
-    def _qmsg(self, body: bytes, batches: dict[int, list[Message]]) -> None:
+    def _qmsg(self, body: bytes, batches: dict[int, list[Entry]]) -> None:
         """A message of a topic-queue consumer: a MSG with its seq, delivery count and time."""
         n = _QMSG_PREFIX.size
         if len(body) < n + 8:
@@ -663,6 +698,15 @@ class ClientCore:
         self.sinks.clear()
         for sink in sinks:
             sink.end(exc)
+
+
+def _messages(entry: Entry) -> list[Message]:
+    """The messages of a queue entry (a run's made now)."""
+    if not isinstance(entry, tuple):
+        return [entry]
+    payloads, topic, headers, sender, sid, respond = entry
+    return [Message(topic, data, dict(headers) if headers else {}, sender, None, sid, False, respond)
+            for data in payloads]
 
 
 def as_hostbus_error(exc: BaseException) -> HostbusError:

@@ -22,7 +22,7 @@ from hostbus._core import ClientCore, SubscriptionState, as_hostbus_error
 from hostbus.client import DEFAULT_CONTROL_TIMEOUT, DEFAULT_PENDING_LIMIT
 from hostbus.errors import ClosedError, ConnectionLostError, HostbusError, RingClosedError
 from hostbus.errors import TimeoutError as HostbusTimeoutError
-from hostbus.message import Message
+from hostbus.message import Entry, Message
 from hostbus.shm import DeliverRing, RingWriter, fetch_fd
 
 __all__ = ["Bus", "Consumption", "ShmPublisher", "Subscription", "connect"]
@@ -56,8 +56,8 @@ class Subscription(SubscriptionState):
             if not w.done():
                 w.set_result(None)
 
-    def push_many(self, msgs: list[Message]) -> None:
-        self._admit(msgs)
+    def push_many(self, entries: list[Entry]) -> None:
+        self._admit(entries)
         self._wake()
 
     def gap(self, missed: int) -> None:
@@ -68,10 +68,9 @@ class Subscription(SubscriptionState):
         self._wake()
 
     async def next(self, timeout: float | None = None) -> Message:
-        items = self._items
         loop = self.bus._loop
         deadline = None if timeout is None else loop.time() + timeout
-        while not items:
+        while (msg := self._take_queued()) is None:
             if self._ended is not None:
                 raise self._ended
             waiter: asyncio.Future[None] = loop.create_future()
@@ -83,7 +82,7 @@ class Subscription(SubscriptionState):
             finally:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
-        return items.popleft()
+        return msg
 
     def __aiter__(self) -> Subscription:
         return self
@@ -409,11 +408,11 @@ class Bus:
             # busy loop makes the reader stop taking slots, and the broker's policy applies.
             window = threading.BoundedSemaphore(_RING_BATCHES)
 
-            def handed(sink: Subscription, msgs: list[Message]) -> None:
+            def handed(sink: Subscription, msgs: list[Entry]) -> None:
                 window.release()
                 sink.push_many(msgs)
 
-            def push(sink: Subscription, msgs: list[Message]) -> None:
+            def push(sink: Subscription, msgs: list[Entry]) -> None:
                 while not window.acquire(timeout=0.1):
                     self._core.check()
                 loop.call_soon_threadsafe(handed, sink, msgs)

@@ -27,7 +27,7 @@ from hostbus._core import RUN_MAX_ITEM, RUN_MAX_ITEMS, ClientCore, SubscriptionS
 from hostbus._heap import large_message
 from hostbus.errors import ClosedError, ConnectionLostError, HostbusError
 from hostbus.errors import TimeoutError as HostbusTimeoutError
-from hostbus.message import Message
+from hostbus.message import Entry, Message
 from hostbus.shm import DeliverRing, ShmPublisher, attach
 
 #: Bytes of published frames buffered before publish() blocks.
@@ -86,11 +86,11 @@ class Subscription(SubscriptionState):
         self._waiters = 0  # threads blocked in next()
 
     # Sink (called by the reader thread)
-    def push_many(self, msgs: list[Message]) -> None:
+    def push_many(self, entries: list[Entry]) -> None:
         with self.bus._sub_lock:
-            self._admit(msgs)
+            self._admit(entries)
             if self._waiters and self._cond is not None:
-                self._cond.notify(len(msgs))
+                self._cond.notify(self._waiters)
 
     def gap(self, missed: int) -> None:
         with self.bus._sub_lock:
@@ -109,18 +109,20 @@ class Subscription(SubscriptionState):
         After :meth:`unsubscribe` or :meth:`Bus.close`, queued messages are still returned, then
         ClosedError (or ConnectionLostError if the connection broke) is raised.
         """
-        items = self._items
-        if items:
-            try:
-                return items.popleft()
-            except IndexError:  # another thread took the last one meanwhile: wait below
-                pass
+        # The run being taken, without a lock (SubscriptionState._take, inlined: the common case).
+        it, topic, headers, sender, sid, respond = self._cur
+        data = next(it, None)
+        if data is not None:
+            return Message(topic, data, dict(headers) if headers else {}, sender, None, sid, False, respond)
         with self.bus._sub_lock:
+            msg = self._take_queued()
+            if msg is not None:
+                return msg
             cond = self._cond
             if cond is None:
                 cond = self._cond = threading.Condition(self.bus._sub_lock)
             deadline = None if timeout is None else time.monotonic() + timeout
-            while not items:
+            while True:
                 if self._ended is not None:
                     raise self._ended
                 left = None if deadline is None else deadline - time.monotonic()
@@ -131,7 +133,9 @@ class Subscription(SubscriptionState):
                     cond.wait(left)  # a timeout is judged by the loop: a message may have come as it expired
                 finally:
                     self._waiters -= 1
-            return items.popleft()
+                msg = self._take_queued()
+                if msg is not None:
+                    return msg
 
     def __iter__(self) -> Iterator[Message]:
         while True:

@@ -113,3 +113,12 @@ class QueueMessage(Message):
         self.delivery_count = delivery_count
         self.stored_ns = stored_ns
         self._answer = answer
+
+
+#: A run of plain messages to one subscription, kept as its payloads until they are taken:
+#: (payloads, topic, headers or None, sender, sid, respond). Waiting messages are then a few
+#: objects per run for the garbage collector, not one per message, and a message is made only
+#: when a consumer takes it (docs/protocol.md, "Runs").
+Run = tuple[list[bytes], str, dict[str, str] | None, Sender, int, Callable[..., Any] | None]
+#: What a subscription's queue holds: single messages and runs.
+Entry = Message | Run

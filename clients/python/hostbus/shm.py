@@ -23,9 +23,15 @@ from hostbus import ring as layout
 from hostbus import topics, wire
 from hostbus._heap import LARGE as _LARGE
 from hostbus._heap import large_message
-from hostbus.errors import ConnectionLostError, MessageTooLargeError, RingClosedError, error_from_code
+from hostbus.errors import (
+    ConnectionLostError,
+    MessageTooLargeError,
+    RemoteProtocolError,
+    RingClosedError,
+    error_from_code,
+)
 from hostbus.errors import TimeoutError as HostbusTimeoutError
-from hostbus.message import Message, Sender
+from hostbus.message import Entry, Message, Sender
 
 if TYPE_CHECKING:
     from hostbus.client import Bus
@@ -70,6 +76,8 @@ _MSG_BLOCK = wire.frames.MSG_BLOCK
 #: A publish record's fixed part and the message block's, packed at once.
 _RECORD_HEAD = struct.Struct("<IBHHI")
 _U32 = struct.Struct("<I")
+_pack_u32_into = _U32.pack_into
+_RUN_MAX_ITEMS = wire.frames.RUN_MAX_ITEMS
 _RUN_ITEM_MAX = 16 * 1024  # larger payloads go as records of their own
 
 
@@ -139,12 +147,12 @@ class RingWriter(_Ring):
         super().__init__(res, fd, check)
         self.writer = layout.SlotWriter(self.mm, self.slots, self.slot_size)
         self._topics: dict[str, bytes] = {}
-        # The run record open in the current slot: where it starts, its slot, topic and headers.
+        # The run record open in the current slot (-1: none), its topic (as sent and as given) and headers.
         self.run_at = -1
-        self.run_slot = -1
         self.run_topic = b""
+        self.run_topic_str: str | None = None
+        self.opening_topic = ""
         self.run_headers = b""
-        self.run_size = 0  # its block's length so far
         self.run_item_max = 0  # the largest payload that may join it
         self.run_end = 0  # where it must end: its slot's end, or the ring's message limit
         self.run_items = 0
@@ -174,13 +182,12 @@ class RingWriter(_Ring):
         if size > self.max_message_bytes:
             raise MessageTooLargeError(f"message of {size} bytes exceeds the ring's limit of "
                                        f"{self.max_message_bytes} (shm.max_message_bytes); nothing was written")
-        self.run_at = -1
-        self.run_slot = -1  # whatever this record is, no later message may join an earlier run
+        self._seal_run()  # whatever this record is, no later message may join an earlier run
         if not retain and len(data) <= _RUN_ITEM_MAX and size + 9 <= self.writer.cap \
                 and size + 4 <= self.max_message_bytes:  # a run record's block is 4 bytes longer
             self.run_topic = tb
+            self.opening_topic = topic
             self.run_headers = hb
-            self.run_size = size + 4
             self.run_item_max = min(_RUN_ITEM_MAX, self.max_message_bytes - (size - len(data)))
             return _RECORD_HEAD.pack(size + 4, layout.RUN_FLAG, len(tb), 0, len(hb)) + tb + hb + _U32.pack(
                 len(data)), data
@@ -188,29 +195,36 @@ class RingWriter(_Ring):
 
     def join(self, topic: str, data: bytes | bytearray | memoryview | str, headers: dict[str, str] | None) -> bool:
         """Add a plain message to the run record open in the current slot if it is on the same
-        topic with the same headers and fits; False (nothing written) if not."""
-        w = self.writer
-        if self.run_slot != w.next or self.run_at < 0 or not w.opened or self.closed is not None \
-                or self.run_items >= wire.frames.RUN_MAX_ITEMS:
+        topic with the same headers and fits; False (nothing written) if not. The run's length
+        in its head is written once, when it closes (:meth:`_seal_run`)."""
+        if self.run_at < 0 or self.closed is not None:  # an open run is always in the open slot
             return False
-        if self._topics.get(topic) is not self.run_topic or (
-                (wire.encode_headers(headers) if headers else b"") != self.run_headers):
+        if topic is not self.run_topic_str and self._topics.get(topic) is not self.run_topic:
+            return False
+        if (wire.encode_headers(headers) if headers else b"") != self.run_headers:
             return False
         if type(data) is not bytes:
             data = data.encode() if isinstance(data, str) else bytes(data)
         n = len(data)
+        w = self.writer
         pos = w.pos
         end = pos + 4 + n
-        if n > self.run_item_max or end > self.run_end:
+        if n > self.run_item_max or end > self.run_end or self.run_items >= _RUN_MAX_ITEMS:
             return False
         mm = w.mm
-        _U32.pack_into(mm, pos, n)
+        _pack_u32_into(mm, pos, n)
         mm[pos + 4:end] = data
         w.pos = end
-        self.run_size += 4 + n
         self.run_items += 1
-        _U32.pack_into(mm, self.run_at, self.run_size)
         return True
+
+    def _seal_run(self) -> None:
+        """Close the open run record: its head gets its block's length (the slot's end is
+        written by SlotWriter.finish). Called before anything else is written or handed over."""
+        if self.run_at >= 0:
+            _pack_u32_into(self.writer.mm, self.run_at, self.writer.pos - self.run_at - _RECORD_HEAD.size + 8)
+            self.run_at = -1
+            self.run_topic_str = None
 
     def slots_to_take(self, record: tuple[bytes, Any]) -> int:
         """Before writing ``record``: hand over the open slot if the record does not fit in it;
@@ -250,7 +264,7 @@ class RingWriter(_Ring):
             w.add(record)
             if record[0][4] == layout.RUN_FLAG:  # a run record opened: later messages may join it
                 self.run_at = w.pos - len(record[0]) - len(record[1])
-                self.run_slot = w.next
+                self.run_topic_str = self.opening_topic
                 self.run_items = 1
                 # The run ends with its slot, and its block stays within the ring's message limit.
                 self.run_end = min(w.start + layout.SLOT_HEAD.size + w.cap,
@@ -269,6 +283,7 @@ class RingWriter(_Ring):
 
     def hand_over(self) -> None:
         """Post the open slot, full or not."""
+        self._seal_run()
         if self.writer.finish():
             self.filled.release()
 
@@ -311,6 +326,21 @@ class ShmPublisher:
                 headers: dict[str, str] | None = None, retain: bool = False) -> None:
         """Put one message in the ring (returns once it is in shared memory, maybe not yet posted)."""
         ring = self.ring
+        # RingWriter.join, inlined for the common case: a plain message without headers that
+        # joins the open run.
+        if topic is ring.run_topic_str and headers is None and type(data) is bytes and not retain \
+                and not ring.run_headers and ring.closed is None:
+            w = ring.writer
+            pos = w.pos
+            n = len(data)
+            end = pos + 4 + n
+            if n <= ring.run_item_max and end <= ring.run_end and ring.run_items < _RUN_MAX_ITEMS:
+                mm = w.mm
+                _pack_u32_into(mm, pos, n)
+                mm[pos + 4:end] = data
+                w.pos = end
+                ring.run_items += 1
+                return
         if not retain and ring.join(topic, data, headers):
             return
         for _ in ring.steps(ring.record(topic, data, headers, retain)):
@@ -354,7 +384,7 @@ class DeliverRing(_Ring):
     """
 
     def __init__(self, res: dict[str, Any], fd: int, check: Callable[[], None], sinks: dict[int, Any],
-                 push: Callable[[Any, list[Message]], object], end: Callable[[Any, BaseException], object],
+                 push: Callable[[Any, list[Entry]], object], end: Callable[[Any, BaseException], object],
                  gap: Callable[[Any, int], object], respond: Callable[..., Any] | None = None) -> None:
         super().__init__(res, fd, check)
         self.respond = respond
@@ -374,7 +404,7 @@ class DeliverRing(_Ring):
             while self._wait(self.filled, lambda: self._stop):
                 off = (self.next % self.slots) * self.slot_size
                 self.next += 1
-                batches: dict[int, list[Message]] = {}
+                batches: dict[int, list[Entry]] = {}
                 for rec, start, end in self._records(off):  # read before the slot is given back
                     self._message(rec, start, end, batches)
                 self.free.release()
@@ -416,7 +446,7 @@ class DeliverRing(_Ring):
             yield mm, pos, rec_end
             pos = rec_end
 
-    def _message(self, buf: Any, start: int, end: int, batches: dict[int, list[Message]]) -> None:
+    def _message(self, buf: Any, start: int, end: int, batches: dict[int, list[Entry]]) -> None:
         fixed = layout.DELIVER_RECORD
         _, flags, sid, uid, gid, pid, olen = fixed.unpack_from(buf, start)
         if flags & layout.GAP_FLAG:
@@ -457,18 +487,12 @@ class DeliverRing(_Ring):
         if batch is None:
             batch = batches[sid] = []
         if flags & layout.RUN_FLAG:  # a run: u32 length + payload, up to the end of the record
-            headers = wire.decode_headers(buf[h0:h1]) if hlen else None
-            respond = self.respond
-            append = batch.append
-            pos = h1
-            while pos < end:
-                n = _U32.unpack_from(buf, pos)[0]
-                pos += 4
-                if pos + n > end:
-                    raise layout.RingFormatError("a run's item runs past the end of its record")
-                append(Message(topic, buf[pos:pos + n], dict(headers) if headers else {}, sender, None, sid, False,
-                               respond))
-                pos += n
+            try:
+                payloads = wire.run_payloads(buf, h1, end)
+            except RemoteProtocolError as exc:
+                raise layout.RingFormatError(f"a run record: {exc}") from None
+            batch.append((payloads, topic, wire.decode_headers(buf[h0:h1]) if hlen else None, sender, sid,
+                          self.respond))
             return
         batch.append(Message(topic, buf[h1:end], wire.decode_headers(buf[h0:h1]) if hlen else {}, sender,
                              buf[r0:h0].decode(errors="replace") if rlen else None, sid,
