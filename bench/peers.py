@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import compileall
 import contextlib
 import ctypes
 import importlib
@@ -194,6 +195,17 @@ SETTINGS = {
                 "publisher notifies the event every 64 samples (1 MiB: every sample) and at the end; "
                 "subscriber does not copy",
 }
+
+
+def compile_hostbus() -> None:
+    """Byte-compile hostbus as an install does (pip writes the .pyc files; an editable install or
+    PYTHONDONTWRITEBYTECODE=1 may leave none): the broker is measured as it runs when installed,
+    not compiling its source at every start, which leaves ~0.8 MiB more of its idle memory."""
+    import hostbus
+    import hostbusd
+    for pkg in (hostbus, hostbusd):
+        for d in pkg.__path__:
+            compileall.compile_dir(d, quiet=1)
 
 
 def start_server(system: str, lifted: bool, run_no: int) -> Server:
@@ -1536,6 +1548,8 @@ def main() -> int:
             "s5c_count": 2_000, "s5c_subs": 100})
     info = machine_info()
     info["config"] = cfg
+    if any(s.startswith("hostbus") for s in systems):
+        compile_hostbus()
     shm_before = set(os.listdir("/dev/shm"))
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
     run_no = 0

@@ -51,3 +51,42 @@ def test_client_library_uses_only_the_standard_library() -> None:
                        env={"PYTHONPATH": str(ROOT / "clients" / "python")})
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == []
+
+
+def _fresh_modules(code: str) -> list[str]:
+    """Run ``code`` in a new interpreter and return the names it prints (one per line)."""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.split()
+
+
+def test_daemon_loads_neither_the_client_nor_pydantic_plugins() -> None:
+    # What an idle broker holds is mostly code it imported (docs/benchmarks.md, S5): the daemon
+    # must not load the client library, nor importlib.metadata through pydantic's plugin loader
+    # (hostbusd._no_pydantic_plugins). The configuration is validated here, as at start, so a
+    # pydantic release that finds its plugins some other way fails this test.
+    code = (
+        "import sys, hostbusd.main\n"
+        "from hostbusd.config import Config\n"
+        "cfg = Config.model_validate({'limits': {'max_frame_bytes': 128 * 1024}})\n"
+        "assert cfg.limits.max_frame_bytes == 128 * 1024\n"
+        "loader = sys.modules['pydantic.plugin._loader']\n"
+        "print('stub' if (loader.__doc__ or '').startswith('hostbusd') else 'pydantic-loader')\n"
+        "print(*sorted(m for m in ('hostbus.client', 'hostbus._core', 'hostbus.shm', 'importlib.metadata',\n"
+        "                           'email', 'zipfile', 'shutil', 'zmq') if m in sys.modules))\n"
+    )
+    assert _fresh_modules(code) == ["stub"]
+
+
+def test_client_names_are_loaded_on_first_use() -> None:
+    code = (
+        "import sys, hostbus\n"
+        "print('client' in dir(hostbus) or 'connect' in dir(hostbus), 'hostbus.client' in sys.modules)\n"
+        "from hostbus import connect, Bus\n"
+        "print(connect is sys.modules['hostbus.client'].connect, Bus.__module__)\n"
+        "try:\n"
+        "    hostbus.no_such_name\n"
+        "except AttributeError as e:\n"
+        "    print(type(e).__name__)\n"
+    )
+    assert _fresh_modules(code) == ["True", "False", "True", "hostbus.client", "AttributeError"]

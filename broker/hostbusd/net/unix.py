@@ -10,6 +10,7 @@ transport's ``pause_writing``/``resume_writing`` switch the session between writ
 from __future__ import annotations
 
 import asyncio
+import mmap
 from typing import TYPE_CHECKING, cast
 
 from hostbus.errors import ErrorCode
@@ -30,7 +31,9 @@ _GATHER_BYTES = 64 * 1024
 _READ_SIZE = 256 * 1024
 #: What reads land in, shared by every connection: the loop reads one socket at a time and
 #: buffer_updated copies what came out before the next read (no buffer held per connection).
-_READ_BUFFER = memoryview(bytearray(_READ_SIZE))
+#: Anonymous pages: the kernel provides each on its first use, so a broker that has not read
+#: much yet does not hold all of it.
+_READ_BUFFER = memoryview(mmap.mmap(-1, _READ_SIZE))
 
 
 class UnixPeer(asyncio.BufferedProtocol):

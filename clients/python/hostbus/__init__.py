@@ -9,7 +9,8 @@
 The asyncio flavour is :mod:`hostbus.aio`, with the same names.
 """
 
-from hostbus.client import Bus, Consumption, Subscription, connect
+from typing import TYPE_CHECKING, Any
+
 from hostbus.errors import (
     BrokerError,
     ClosedError,
@@ -36,6 +37,23 @@ from hostbus.errors import (
 from hostbus.message import Message, QueueMessage, Sender
 
 __version__ = "0.1.0"
+
+#: Imported on first use (PEP 562), so that a process which needs only the wire format, the
+#: topics and the errors (the broker does) does not load the client and its dependencies.
+_CLIENT_NAMES = frozenset({"Bus", "Consumption", "Subscription", "connect"})
+
+if TYPE_CHECKING:
+    from hostbus.client import Bus, Consumption, Subscription, connect
+else:
+    def __getattr__(name: str) -> Any:
+        if name in _CLIENT_NAMES:
+            from hostbus import client  # noqa: PLC0415 - on first use, see _CLIENT_NAMES
+
+            return getattr(client, name)
+        raise AttributeError(f"module 'hostbus' has no attribute {name!r}")
+
+    def __dir__() -> list[str]:
+        return sorted(set(globals()) | _CLIENT_NAMES)
 
 __all__ = [
     "BrokerError",
