@@ -1,5 +1,5 @@
 import sys
 
-from hostbusd.main import main
+from hostbusd.start import main
 
 sys.exit(main())

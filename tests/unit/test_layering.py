@@ -54,34 +54,63 @@ def test_client_library_uses_only_the_standard_library() -> None:
 
 
 def _fresh_modules(code: str) -> list[str]:
-    """Run ``code`` in a new interpreter and return the names it prints (one per line)."""
+    """Run ``code`` in a new interpreter and return the words it prints."""
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     return r.stdout.split()
 
 
-def test_daemon_loads_neither_the_client_nor_pydantic_plugins() -> None:
-    # What an idle broker holds is mostly code it imported (docs/benchmarks.md, S5): the daemon
+#: Prints, when the process exits, whose pydantic plugin loader it has and which of these
+#: modules it loaded.
+_REPORT_AT_EXIT = (
+    "import atexit, sys\n"
+    "def report():\n"
+    "    loader = sys.modules.get('pydantic.plugin._loader')\n"
+    "    print('stub' if loader and (loader.__doc__ or '').startswith('hostbusd') else 'pydantic-loader')\n"
+    "    print(*sorted(m for m in ('hostbus.client', 'hostbus._core', 'hostbus.shm', 'importlib.metadata',\n"
+    "                               'email', 'zipfile', 'zmq') if m in sys.modules))\n"
+    "atexit.register(report)\n"
+)
+
+
+def test_the_daemon_loads_neither_the_client_nor_pydantic_plugins(tmp_path: Path) -> None:
+    # What an idle broker holds is mostly code it imported (docs/benchmarks.md, S5b): the daemon
     # must not load the client library, nor importlib.metadata through pydantic's plugin loader
-    # (hostbusd._no_pydantic_plugins). The configuration is validated here, as at start, so a
-    # pydantic release that finds its plugins some other way fails this test.
-    code = (
-        "import sys, hostbusd.main\n"
-        "from hostbusd.config import Config\n"
-        "cfg = Config.model_validate({'limits': {'max_frame_bytes': 128 * 1024}})\n"
-        "assert cfg.limits.max_frame_bytes == 128 * 1024\n"
-        "loader = sys.modules['pydantic.plugin._loader']\n"
-        "print('stub' if (loader.__doc__ or '').startswith('hostbusd') else 'pydantic-loader')\n"
-        "print(*sorted(m for m in ('hostbus.client', 'hostbus._core', 'hostbus.shm', 'importlib.metadata',\n"
-        "                           'email', 'zipfile', 'shutil', 'zmq') if m in sys.modules))\n"
+    # (hostbusd.start.no_pydantic_plugins). The daemon runs through its entry point until its
+    # socket is there, then stops on SIGTERM; a pydantic release that finds its plugins some
+    # other way fails here.
+    conf = tmp_path / "hostbus.toml"
+    conf.write_text("[limits]\nmax_frame_bytes = 131072\n")
+    run = tmp_path / "run"
+    code = _REPORT_AT_EXIT + (
+        "import os, runpy, signal, threading, time\n"
+        "def stop():\n"
+        f"    while not os.path.exists({str(run / 'hostbus.sock')!r}):\n"
+        "        time.sleep(0.02)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "threading.Thread(target=stop, daemon=True).start()\n"
+        f"sys.argv = ['hostbusd', '--config', {str(conf)!r}, '--runtime-dir', {str(run)!r},\n"
+        f"            '--state-dir', {str(tmp_path / 'state')!r}, '--log-level', 'warning']\n"
+        "runpy.run_module('hostbusd', run_name='__main__')\n"
     )
     assert _fresh_modules(code) == ["stub"]
+    assert not (run / "hostbus.sock").exists()
+
+
+def test_hostbusd_as_a_library_leaves_pydantic_plugins_alone() -> None:
+    # Tests and tools import hostbusd's modules: only the daemon's entry point changes pydantic.
+    code = _REPORT_AT_EXIT + (
+        "import hostbusd.main\n"
+        "from hostbusd.config import Config\n"
+        "assert Config.model_validate({}).limits.max_frame_bytes > 0\n"
+    )
+    assert _fresh_modules(code)[0] == "pydantic-loader"
 
 
 def test_client_names_are_loaded_on_first_use() -> None:
     code = (
         "import sys, hostbus\n"
-        "print('client' in dir(hostbus) or 'connect' in dir(hostbus), 'hostbus.client' in sys.modules)\n"
+        "print('connect' in dir(hostbus), 'connect' in vars(hostbus), 'hostbus.client' in sys.modules)\n"
         "from hostbus import connect, Bus\n"
         "print(connect is sys.modules['hostbus.client'].connect, Bus.__module__)\n"
         "try:\n"
@@ -89,4 +118,4 @@ def test_client_names_are_loaded_on_first_use() -> None:
         "except AttributeError as e:\n"
         "    print(type(e).__name__)\n"
     )
-    assert _fresh_modules(code) == ["True", "False", "True", "hostbus.client", "AttributeError"]
+    assert _fresh_modules(code) == ["True", "False", "False", "True", "hostbus.client", "AttributeError"]

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import struct
 import time
 from collections import deque
@@ -475,8 +476,6 @@ class QueueService:
         with contextlib.suppress(OSError, StorageError):  # being deleted: a failed last sync is moot
             q.log.close()
         if q.dir is not None:
-            import shutil  # noqa: PLC0415 - only here; an idle broker need not hold it
-
             shutil.rmtree(q.dir, ignore_errors=True)
         self._event("info", "queue_deleted", queue=name)
 

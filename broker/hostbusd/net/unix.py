@@ -31,9 +31,9 @@ _GATHER_BYTES = 64 * 1024
 _READ_SIZE = 256 * 1024
 #: What reads land in, shared by every connection: the loop reads one socket at a time and
 #: buffer_updated copies what came out before the next read (no buffer held per connection).
-#: Anonymous pages: the kernel provides each on its first use, so a broker that has not read
-#: much yet does not hold all of it.
-_READ_BUFFER = memoryview(mmap.mmap(-1, _READ_SIZE))
+#: Private anonymous pages: the kernel provides each on its first use, so a broker that has not
+#: read much yet does not hold all of it.
+_READ_BUFFER = memoryview(mmap.mmap(-1, _READ_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
 
 
 class UnixPeer(asyncio.BufferedProtocol):
