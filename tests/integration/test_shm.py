@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -302,8 +303,6 @@ async def _aio_rings(sock: str) -> list[bytes]:
 
 
 def test_asyncio_clients_publish_and_subscribe_through_rings(daemon: Daemon, clean_shm: None) -> None:
-    import asyncio
-
     got = asyncio.run(_aio_rings(str(daemon.socket)))
     assert got[:5000] == [str(i).encode() for i in range(5000)] and got[5000] == b"z" * 50_000
 
@@ -358,3 +357,39 @@ def test_ring_subscriptions_count_against_the_connections_subscription_limit(
         with pytest.raises(hostbus.LimitExceededError):
             bus.subscribe("d")
         assert bus.stats()["subscriptions"] == 2
+
+
+async def _aio_tasks_share_a_ring_publisher(sock: str, n: int) -> tuple[dict[str, list[bytes]], object]:
+    from hostbus import aio
+
+    sub_bus = await aio.connect(sock, name="tasks-sub")
+    pub_bus = await aio.connect(sock, name="tasks-pub")
+    try:
+        sub = await sub_bus.subscribe("tasks.>", pending_limit=10 * n)
+        # Two small slots: the tasks wait for free slots all the time, each in the middle of
+        # a message while the others go on.
+        pub = await pub_bus.shm_publisher(slots=2, slot_size=4096)
+
+        async def task(name: str) -> None:
+            for i in range(n):
+                await pub.publish(f"tasks.{name}", f"{name}:{i}".encode() + bytes(i % 300))
+
+        await asyncio.gather(*(task(name) for name in "abcd"))
+        await pub.flush()
+        got: dict[str, list[bytes]] = {name: [] for name in "abcd"}
+        for _ in range(4 * n):
+            msg = await sub.next(timeout=10)
+            got[msg.topic.removeprefix("tasks.")].append(msg.data)
+        return got, pub.ring.closed
+    finally:
+        await pub_bus.close()
+        await sub_bus.close()
+
+
+def test_asyncio_tasks_sharing_a_ring_publisher_each_arrive_whole_and_in_order(daemon: Daemon,
+                                                                               clean_shm: None) -> None:
+    n = 3000
+    got, closed = asyncio.run(_aio_tasks_share_a_ring_publisher(str(daemon.socket), n))
+    assert closed is None
+    for name, data in got.items():
+        assert data == [f"{name}:{i}".encode() + bytes(i % 300) for i in range(n)], name

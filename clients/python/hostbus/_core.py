@@ -144,8 +144,10 @@ class SubscriptionState:
             else:
                 cut = entry
             if n:
-                items.append(cut)
+                # Counted before it is queued: a reader of ``pending`` without the lock may see
+                # a run early, never miss one (_take_queued moves the cursor first for the same).
                 self._queued += n
+                items.append(cut)
                 room -= n
 
     def _take(self) -> Message | None:
@@ -166,8 +168,8 @@ class SubscriptionState:
                 self._queued -= 1
                 return entry
             payloads = entry[0]
+            self._cur = (iter(payloads), *entry[1:])  # before the count drops (see _admit)
             self._queued -= len(payloads)
-            self._cur = (iter(payloads), *entry[1:])
             msg = self._take()
         return msg
 

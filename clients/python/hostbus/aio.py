@@ -491,12 +491,15 @@ class Bus:
 
 class ShmPublisher:
     """Publishes through a shared-memory ring (see :class:`hostbus.shm.ShmPublisher`). A full
-    ring is waited for in a worker thread, so the event loop never blocks on a semaphore."""
+    ring is waited for in a worker thread, so the event loop never blocks on a semaphore. Tasks
+    may share one: a message that waits for a free slot holds the ring until it is written, and
+    the other tasks' messages follow it in the order they came."""
 
     def __init__(self, bus: Bus, ring: RingWriter) -> None:
         self.bus = bus
         self.ring = ring
         self.id = ring.id
+        self._writing = asyncio.Lock()  # held by a task whose message waits for free slots
 
     async def _take(self) -> None:
         if self.ring.try_take():
@@ -511,14 +514,18 @@ class ShmPublisher:
     async def publish(self, topic: str, data: bytes | bytearray | memoryview | str = b"",
                       headers: dict[str, str] | None = None, retain: bool = False) -> None:
         ring = self.ring
-        if not retain and ring.join(topic, data, headers):
-            return
-        for _ in ring.steps(ring.record(topic, data, headers, retain)):
-            await self._take()
+        if not retain and not self._writing.locked() and ring.join(topic, data, headers):
+            return  # joined the open run without waiting: no other task can be in the middle
+        async with self._writing:
+            if not retain and ring.join(topic, data, headers):
+                return
+            for _ in ring.steps(ring.record(topic, data, headers, retain)):
+                await self._take()
 
     async def flush(self, timeout: float | None = DEFAULT_CONTROL_TIMEOUT) -> None:
         ring = self.ring
-        ring.hand_over()
+        async with self._writing:  # after a message another task is writing
+            ring.hand_over()
         deadline = None if timeout is None else time.monotonic() + timeout
         while not ring.routed(deadline):
             await asyncio.sleep(0.0005)
