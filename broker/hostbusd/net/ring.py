@@ -54,6 +54,10 @@ U32 = struct.Struct("<I")
 #: what one read of a socket peer brings, so the subscribers' writes keep pace instead of
 #: queueing (measured: 64 B ring -> socket went from 0.9x to 1.18x the socket path).
 RING_TURN = 500
+#: Bytes of message blocks a turn routes at most (whole slots, so at least one), as a socket
+#: peer's read brings at most 256 KiB: without it a ring of large slots was emptied in one turn
+#: (tens of MiB copied before any other peer or any delivery had the loop).
+RING_TURN_BYTES = 256 * 1024
 SHM_DIR = Path("/dev/shm")
 #: Prefix of the semaphore names (``/dev/shm/sem.hostbus.<pid>.<token>.<free|filled>``).
 NAME_PREFIX = "hostbus."
@@ -308,7 +312,8 @@ class Ring(LoopEgress):
             self._turn()
 
     def _turn(self) -> None:
-        """Route the messages of filled slots, up to :data:`RING_TURN` of them (whole slots),
+        """Route the messages of filled slots, up to :data:`RING_TURN` of them or
+        :data:`RING_TURN_BYTES` of their bytes (whole slots),
         give those slots back, and leave the rest for the next loop iteration: a ring takes
         turns with the other peers like a socket does."""
         self._turn_scheduled = False
@@ -319,8 +324,9 @@ class Ring(LoopEgress):
         size = self.slot_size
         done = 0
         budget = RING_TURN
+        budget_bytes = RING_TURN_BYTES
         try:
-            while done < self.unread and budget > 0 and self.state == "running":
+            while done < self.unread and budget > 0 and budget_bytes > 0 and self.state == "running":
                 off = (self.next % self.slots) * size
                 self.next += 1
                 done += 1
@@ -336,6 +342,7 @@ class Ring(LoopEgress):
                         raise layout.RingFormatError("a message through a ring carries no reply subject")
                     count = wire.run_count(block, h1) if run else 1
                     budget -= count
+                    budget_bytes -= len(block)
                     access = owner.access
                     if access is not None:
                         decision = access.publish(topic)
