@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import mmap
 import os
 import resource
@@ -413,38 +414,45 @@ def test_a_helper_that_dies_before_ring_ready_leaves_no_names_in_dev_shm(daemon:
                 Path("/dev/shm", name).unlink(missing_ok=True)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "KNOWN LIMIT (docs/shm.md, 'A limit'): the ACL gives the client read-write on the semaphore files, "
-    "so it may hard-link them: a "
-    "file of the broker's stays in /dev/shm after the ring, the client and the helper are gone"
-))
 @pytest.mark.needs_root
-def test_another_uid_cannot_keep_a_rings_semaphore_file_alive_under_a_name_of_its_own(
+def test_links_another_uid_made_to_a_rings_semaphore_files_are_removed_with_the_ring(
         start_daemon: Callable[..., Daemon], workdir: Path) -> None:
+    # The ACL gives the client read-write on the semaphore files, so it may hard-link them under
+    # names of its own (docs/shm.md, "Links to the semaphore files"); the broker removes such
+    # links when the ring ends: here one in /dev/shm and one in a directory of the client's.
     workdir.chmod(0o755)
     d = start_daemon({"socket": {"dir_mode": 0o755, "mode": 0o666}})
     d.workdir.chmod(0o755)
     uid, gid = ensure_user("hostbus-test")
     sock = str(d.socket)
     link = Path(f"/dev/shm/hostbus-review-{os.getpid()}")
+    own_dir = Path(f"/dev/shm/hostbus-review-dir-{os.getpid()}")
+    deep = own_dir / "kept"
 
-    def client() -> None:  # a ring's semaphore files are read-write for its client (ACL): it may link them
+    def client() -> None:
         with hostbus.connect(sock) as bus:
             res = bus.call("ring_attach", direction="publish", slots=2, slot_size=4096)
-            with contextlib.suppress(OSError):
-                os.link(f"/dev/shm/sem.{res['free'][1:]}", link)
+            os.link(f"/dev/shm/sem.{res['free'][1:]}", link)
+            own_dir.mkdir(mode=0o700)
+            os.link(f"/dev/shm/sem.{res['filled'][1:]}", deep)
             os.close(fetch_fd(sock, res["token"]))
             bus.call("ring_ready", ring=res["ring"])
+            assert link.exists() and deep.exists()  # the ring's own names are gone, the links not
             bus.call("ring_close", ring=res["ring"])
 
     try:
         assert run_as(uid, gid, client) == 0
         with d.connect() as bus:
             wait_for(lambda: bus.stats()["rings"] == [], what="the ring gone")
-        # The ring, its client and its helper are gone; a file of the broker's stays in /dev/shm.
-        assert not link.exists(), f"{link} owned by uid {link.stat().st_uid}"
+        assert not link.exists() and not deep.exists()
+        assert own_dir.exists()  # the client's own directory is the client's business
+        events = [json.loads(x) for x in d.log().splitlines() if '"ring_semaphore_linked"' in x]
+        assert [(e["removed"], e["left"], e["uid"]) for e in events] == [(2, 0, uid)], events
     finally:
         link.unlink(missing_ok=True)
+        deep.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            own_dir.rmdir()
 
 
 def test_a_ring_that_cannot_be_started_leaks_no_descriptor(daemon: Daemon) -> None:

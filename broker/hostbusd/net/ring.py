@@ -76,6 +76,37 @@ def grant_uid(path: str, uid: int) -> None:
     os.setxattr(path, "system.posix_acl_access", data, follow_symlinks=False)
 
 
+#: Directory entries under /dev/shm looked at, at most, to remove a client's links to a ring's
+#: semaphore files when the ring ends (only when such a link exists).
+LINK_SCAN_MAX = 10_000
+
+
+def _unlink_inodes(top: Path, inodes: set[tuple[int, int]]) -> int:
+    """Unlink the entries under ``top`` (subdirectories included, symlinks not followed) that
+    are one of ``inodes`` ((st_dev, st_ino) pairs); how many were removed."""
+    removed = 0
+    seen = 0
+    stack = [str(top)]
+    while stack and seen < LINK_SCAN_MAX:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except OSError:  # a directory this process may not read
+            continue
+        for entry in entries:
+            seen += 1
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) in inodes:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                    removed += 1
+            elif entry.is_dir(follow_symlinks=False):
+                stack.append(entry.path)
+    return removed
+
+
 def sweep_stale(log: Any) -> int:
     """Remove semaphores an earlier hostbusd of this uid left (its pid is gone); the count removed."""
     removed = 0
@@ -194,6 +225,9 @@ class Ring(LoopEgress):
         self.writer = layout.SlotWriter(self.mm, slots, slot_size)  # deliver
         self.pending: collections.deque[tuple[bytes, bytes]] = collections.deque()  # deliver: waiting for slots
         self.session: RingSession | None = None
+        # The semaphore files, open (never mapped) from their creation to the ring's end: a link
+        # a client made to one keeps it from being freed, and is found and removed at the end.
+        self.sem_fds: list[int] = []
         self.deadline: asyncio.TimerHandle | None = None
         self.call_id = 0
         # publish: the helper waits on "filled" (client's posts) and posts "free"; deliver: the reverse.
@@ -249,6 +283,13 @@ class Ring(LoopEgress):
 
     def _offer(self) -> None:
         """The semaphores exist: let the client's uid in, then tell it where everything is."""
+        try:  # before anyone else may open them: whatever links to them later, it is these files
+            for name in self.names.values():
+                self.sem_fds.append(os.open(SHM_DIR / ("sem." + name[1:]),
+                                            os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK))
+        except OSError as exc:
+            self.fail(f"cannot open the ring's semaphore files: {exc.strerror}", call=True)
+            return
         uid = self.owner.ident.uid
         if uid not in (0, os.getuid()):
             try:
@@ -519,6 +560,7 @@ class Ring(LoopEgress):
         for name in self.names.values():  # gone already once ready; not if the helper died early
             with contextlib.suppress(OSError):
                 os.unlink(SHM_DIR / ("sem." + name[1:]))
+        self._remove_links()
         assert self.helper.stdin is not None and self.helper.stdout is not None
         with contextlib.suppress(OSError):
             self.helper.stdin.close()
@@ -534,6 +576,29 @@ class Ring(LoopEgress):
         acct = owner.account
         if acct is not None:
             acct.rings -= 1
+
+    def _remove_links(self) -> None:
+        """Our names are gone: a semaphore file still linked somewhere was linked by a client
+        (read-write access lets it, see docs/shm.md). Remove such links under /dev/shm, as far
+        as :data:`LINK_SCAN_MAX` entries and the directories this process may enter reach, and
+        say so; then let the files go."""
+        fds, self.sem_fds = self.sem_fds, []
+        try:
+            linked = set()
+            for fd in fds:
+                st = os.fstat(fd)
+                if st.st_nlink > 0:
+                    linked.add((st.st_dev, st.st_ino))
+            if not linked:
+                return
+            removed = _unlink_inodes(SHM_DIR, linked)
+            left = sum(os.fstat(fd).st_nlink for fd in fds)
+            self.hub.peer_error("ring_semaphore_linked", self.owner, ring=self.id, removed=removed, left=left)
+        except OSError:
+            pass
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"client": self.owner.ident.ref, "uid": self.owner.ident.uid, "direction": self.direction,
