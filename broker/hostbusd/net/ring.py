@@ -30,6 +30,7 @@ import mmap
 import os
 import secrets
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -77,34 +78,52 @@ def grant_uid(path: str, uid: int) -> None:
 
 
 #: Directory entries under /dev/shm looked at, at most, to remove a client's links to a ring's
-#: semaphore files when the ring ends (only when such a link exists).
+#: semaphore files when the ring ends (only when such a link exists), and directories open at
+#: once while looking.
 LINK_SCAN_MAX = 10_000
+LINK_SCAN_DIRS = 64
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _unlink_inodes(top: Path, inodes: set[tuple[int, int]]) -> int:
+def _unlink_inodes(top: Path, inodes: set[tuple[int, int]]) -> tuple[int, int]:
     """Unlink the entries under ``top`` (subdirectories included, symlinks not followed) that
-    are one of ``inodes`` ((st_dev, st_ino) pairs); how many were removed."""
+    are one of ``inodes`` ((st_dev, st_ino) pairs); (entries removed, entries looked at).
+
+    Every step is relative to an open directory (``dir_fd``), never a path: a client that swaps
+    one of its directories for a symbolic link meanwhile cannot point an unlink elsewhere."""
     removed = 0
     seen = 0
-    stack = [str(top)]
-    while stack and seen < LINK_SCAN_MAX:
-        try:
-            entries = list(os.scandir(stack.pop()))
-        except OSError:  # a directory this process may not read
-            continue
-        for entry in entries:
-            seen += 1
+    try:
+        dirs = [os.open(top, _DIR_FLAGS)]
+    except OSError:
+        return 0, 0
+    try:
+        while dirs and seen < LINK_SCAN_MAX:
+            dfd = dirs.pop()
             try:
-                st = entry.stat(follow_symlinks=False)
-            except OSError:
-                continue
-            if (st.st_dev, st.st_ino) in inodes:
-                with contextlib.suppress(OSError):
-                    os.unlink(entry.path)
-                    removed += 1
-            elif entry.is_dir(follow_symlinks=False):
-                stack.append(entry.path)
-    return removed
+                with os.scandir(dfd) as it:
+                    for entry in it:
+                        if seen >= LINK_SCAN_MAX:
+                            break
+                        seen += 1
+                        name = entry.name
+                        try:
+                            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                            if (st.st_dev, st.st_ino) in inodes:
+                                os.unlink(name, dir_fd=dfd)
+                                removed += 1
+                            elif stat.S_ISDIR(st.st_mode) and len(dirs) < LINK_SCAN_DIRS:
+                                dirs.append(os.open(name, _DIR_FLAGS, dir_fd=dfd))
+                        except OSError:  # gone meanwhile, or not ours to enter
+                            continue
+            except OSError:  # a directory this process may not read
+                pass
+            finally:
+                os.close(dfd)
+    finally:
+        for dfd in dirs:
+            os.close(dfd)
+    return removed, seen
 
 
 def sweep_stale(log: Any) -> int:
@@ -591,9 +610,10 @@ class Ring(LoopEgress):
                     linked.add((st.st_dev, st.st_ino))
             if not linked:
                 return
-            removed = _unlink_inodes(SHM_DIR, linked)
+            removed, looked_at = _unlink_inodes(SHM_DIR, linked)
             left = sum(os.fstat(fd).st_nlink for fd in fds)
-            self.hub.peer_error("ring_semaphore_linked", self.owner, ring=self.id, removed=removed, left=left)
+            self.hub.peer_error("ring_semaphore_linked", self.owner, ring=self.id, removed=removed, left=left,
+                                looked_at=looked_at)
         except OSError:
             pass
         finally:
