@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,47 @@ def test_the_scan_stops_at_its_bound(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(ring, "LINK_SCAN_MAX", 10_000)
     assert ring._unlink_inodes(top, {(st.st_dev, st.st_ino)}) == (1 - removed, 41 - removed)
     assert not (top / "link").exists()
+
+
+def test_many_directories_do_not_hide_a_link(tmp_path: Path) -> None:
+    # Directories are walked one level open at a time, not dropped past a count.
+    top = tmp_path / "shm"
+    top.mkdir()
+    for i in range(200):
+        (top / f"d{i:03}").mkdir()
+    sem = tmp_path / "sem.file"
+    sem.write_bytes(b"")
+    os.link(sem, top / "d150" / "link")
+    st = sem.stat()
+    assert ring._unlink_inodes(top, {(st.st_dev, st.st_ino)}) == (1, 201)
+
+
+def test_the_depth_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    top = tmp_path / "shm"
+    deep = top / "a" / "b" / "c"
+    deep.mkdir(parents=True)
+    sem = tmp_path / "sem.file"
+    sem.write_bytes(b"")
+    os.link(sem, deep / "link")
+    st = sem.stat()
+    monkeypatch.setattr(ring, "LINK_SCAN_DEPTH", 3)  # shm, a, b open: c is not entered
+    assert ring._unlink_inodes(top, {(st.st_dev, st.st_ino)}) == (0, 3)
+    monkeypatch.setattr(ring, "LINK_SCAN_DEPTH", 4)
+    assert ring._unlink_inodes(top, {(st.st_dev, st.st_ino)}) == (1, 4)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a file system needs root")
+def test_a_file_system_mounted_below_is_not_entered(tmp_path: Path) -> None:
+    top = tmp_path / "shm"
+    mnt = top / "mounted"
+    mnt.mkdir(parents=True)
+    sem = top / "sem.file"
+    sem.write_bytes(b"")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
+    try:
+        for i in range(20):
+            (mnt / f"f{i}").write_bytes(b"")
+        st = sem.stat()
+        assert ring._unlink_inodes(top, {(st.st_dev, st.st_ino)}) == (1, 2)  # sem.file and the mount point
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)

@@ -30,7 +30,6 @@ import mmap
 import os
 import secrets
 import socket
-import stat
 import struct
 import subprocess
 import sys
@@ -78,50 +77,76 @@ def grant_uid(path: str, uid: int) -> None:
 
 
 #: Directory entries under /dev/shm looked at, at most, to remove a client's links to a ring's
-#: semaphore files when the ring ends (only when such a link exists), and directories open at
-#: once while looking.
+#: semaphore files when the ring ends (only when such a link exists), and how deep the search
+#: goes (one open directory per level).
 LINK_SCAN_MAX = 10_000
-LINK_SCAN_DIRS = 64
+LINK_SCAN_DEPTH = 32
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _unlink_inodes(top: Path, inodes: set[tuple[int, int]]) -> tuple[int, int]:
-    """Unlink the entries under ``top`` (subdirectories included, symlinks not followed) that
-    are one of ``inodes`` ((st_dev, st_ino) pairs); (entries removed, entries looked at).
+def _mount_points() -> set[str]:
+    """The mount points of this process (/proc/self/mountinfo, field 5, octal escapes undone)."""
+    out: set[str] = set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            fields = line.split(" ")
+            if len(fields) > 4:
+                out.add(fields[4].encode().decode("unicode_escape"))
+    return out
 
-    Every step is relative to an open directory (``dir_fd``), never a path: a client that swaps
-    one of its directories for a symbolic link meanwhile cannot point an unlink elsewhere."""
+
+def _unlink_inodes(top: Path, inodes: set[tuple[int, int]]) -> tuple[int, int]:
+    """Unlink the entries under ``top`` (subdirectories included) that are one of ``inodes``
+    ((st_dev, st_ino) pairs); (entries removed, entries looked at).
+
+    Depth first, one open directory per level, every step relative to an open directory
+    (``dir_fd``), never through a path: a client that swaps one of its directories for a
+    symbolic link meanwhile cannot point an unlink elsewhere. Symbolic links are not followed
+    and other file systems mounted below ``top`` are not entered (nothing there can be a link
+    to a file of ``top``'s, and a FUSE mount could block the loop); an entry is looked at
+    closer only when the inode its directory lists is one of ``inodes``."""
+    wanted = {ino for _, ino in inodes}
+    mounts = _mount_points()
     removed = 0
     seen = 0
     try:
-        dirs = [os.open(top, _DIR_FLAGS)]
+        root = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # /dev/shm may be a symlink
     except OSError:
         return 0, 0
     try:
-        while dirs and seen < LINK_SCAN_MAX:
-            dfd = dirs.pop()
-            try:
-                with os.scandir(dfd) as it:
-                    for entry in it:
-                        if seen >= LINK_SCAN_MAX:
-                            break
-                        seen += 1
-                        name = entry.name
-                        try:
-                            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-                            if (st.st_dev, st.st_ino) in inodes:
-                                os.unlink(name, dir_fd=dfd)
-                                removed += 1
-                            elif stat.S_ISDIR(st.st_mode) and len(dirs) < LINK_SCAN_DIRS:
-                                dirs.append(os.open(name, _DIR_FLAGS, dir_fd=dfd))
-                        except OSError:  # gone meanwhile, or not ours to enter
-                            continue
-            except OSError:  # a directory this process may not read
-                pass
-            finally:
+        stack: list[tuple[int, str, Any]] = [(root, os.path.realpath(top), os.scandir(root))]
+    except OSError:
+        os.close(root)
+        return 0, 0
+    try:
+        while stack and seen < LINK_SCAN_MAX:
+            dfd, path, it = stack[-1]
+            entry = next(it, None)
+            if entry is None:
+                it.close()
                 os.close(dfd)
+                stack.pop()
+                continue
+            seen += 1
+            name = entry.name
+            try:
+                if entry.inode() in wanted:
+                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                    if (st.st_dev, st.st_ino) in inodes:
+                        os.unlink(name, dir_fd=dfd)
+                        removed += 1
+                elif (entry.is_dir(follow_symlinks=False) and len(stack) < LINK_SCAN_DEPTH
+                      and f"{path}/{name}" not in mounts):
+                    sub = os.open(name, _DIR_FLAGS, dir_fd=dfd)
+                    try:
+                        stack.append((sub, f"{path}/{name}", os.scandir(sub)))
+                    except OSError:
+                        os.close(sub)
+            except OSError:  # gone meanwhile, or not ours to enter
+                continue
     finally:
-        for dfd in dirs:
+        for dfd, _, it in stack:
+            it.close()
             os.close(dfd)
     return removed, seen
 
