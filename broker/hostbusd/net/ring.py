@@ -68,6 +68,11 @@ _ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_MASK, _ACL_OTHER = 0x01, 0x02, 0x
 _ACL_UNDEFINED_ID = 0xFFFFFFFF
 
 
+def sem_file(name: str) -> Path:
+    """The file of the POSIX named semaphore ``name`` ("/x" is /dev/shm/sem.x)."""
+    return SHM_DIR / ("sem." + name[1:])
+
+
 def grant_uid(path: str, uid: int) -> None:
     """Let exactly ``uid`` (besides the owner) read and write ``path`` (mode stays 0600 for others)."""
     entries = [(_ACL_USER_OBJ, 6, _ACL_UNDEFINED_ID), (_ACL_USER, 6, uid), (_ACL_GROUP_OBJ, 0, _ACL_UNDEFINED_ID),
@@ -329,8 +334,7 @@ class Ring(LoopEgress):
         """The semaphores exist: let the client's uid in, then tell it where everything is."""
         try:  # before anyone else may open them: whatever links to them later, it is these files
             for name in self.names.values():
-                self.sem_fds.append(os.open(SHM_DIR / ("sem." + name[1:]),
-                                            os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK))
+                self.sem_fds.append(os.open(sem_file(name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK))
         except OSError as exc:
             self.fail(f"cannot open the ring's semaphore files: {exc.strerror}", call=True)
             return
@@ -338,7 +342,7 @@ class Ring(LoopEgress):
         if uid not in (0, os.getuid()):
             try:
                 for name in self.names.values():
-                    grant_uid(str(SHM_DIR / ("sem." + name[1:])), uid)
+                    grant_uid(str(sem_file(name)), uid)
             except OSError as exc:
                 self.fail(f"cannot give uid {uid} access to the ring's semaphores: {exc.strerror} (does /dev/shm "
                           "support POSIX ACLs?)", call=True)
@@ -603,7 +607,7 @@ class Ring(LoopEgress):
             self.session.account = None
         for name in self.names.values():  # gone already once ready; not if the helper died early
             with contextlib.suppress(OSError):
-                os.unlink(SHM_DIR / ("sem." + name[1:]))
+                os.unlink(sem_file(name))
         self._remove_links()
         assert self.helper.stdin is not None and self.helper.stdout is not None
         with contextlib.suppress(OSError):
