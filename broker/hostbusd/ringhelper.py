@@ -13,7 +13,8 @@ Creates both semaphores (owner-only, O_EXCL), writes ``R`` to stdout, then:
 * a thread waits on WAIT, takes every further post at once (up to a batch) and writes the
   count as ``u32`` to stdout: "this many slots are ready for you";
 * the main thread reads commands from stdin: ``P`` + ``u32 n`` posts POST n times ("this many
-  slots are yours again"), ``U`` unlinks both names (both sides hold them now);
+  slots are yours again"), ``U`` unlinks both names if they are still there (both sides hold
+  them now; the broker removes them itself before it answers ring_ready);
 * stdin closing (the broker ended the ring, or died) ends the process; the names are unlinked
   on the way out if they were not already.
 """

@@ -370,6 +370,11 @@ class Ring(LoopEgress):
         if self.deadline is not None:
             self.deadline.cancel()
         self.service.offers.pop(self.token, None)
+        # Removed here, before the answer, so no name is left once ring_ready returns (the
+        # helper's own unlink, told with "U", then finds them gone).
+        for name in self.names.values():
+            with contextlib.suppress(OSError):
+                os.unlink(sem_file(name))
         self._tell(b"U")
         if self.state == "closed":  # the helper is gone: fail() has told the client
             return
