@@ -82,9 +82,10 @@ def test_the_depth_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a file system needs root")
-def test_a_file_system_mounted_below_is_not_entered(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mount_name", ["mounted", "mounted déjà vu"])  # mountinfo escapes the space
+def test_a_file_system_mounted_below_is_not_entered(tmp_path: Path, mount_name: str) -> None:
     top = tmp_path / "shm"
-    mnt = top / "mounted"
+    mnt = top / mount_name
     mnt.mkdir(parents=True)
     sem = top / "sem.file"
     sem.write_bytes(b"")

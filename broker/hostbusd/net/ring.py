@@ -28,6 +28,7 @@ import contextlib
 import fcntl
 import mmap
 import os
+import re
 import secrets
 import socket
 import struct
@@ -89,14 +90,18 @@ LINK_SCAN_DEPTH = 32
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
 def _mount_points() -> set[str]:
-    """The mount points of this process (/proc/self/mountinfo, field 5, octal escapes undone)."""
+    """The mount points of this process (/proc/self/mountinfo, field 5, whose space, tab,
+    newline and backslash the kernel writes as octal escapes; other bytes are as they are)."""
     out: set[str] = set()
     with contextlib.suppress(OSError):
-        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        for line in Path("/proc/self/mountinfo").read_text(errors="surrogateescape").splitlines():
             fields = line.split(" ")
             if len(fields) > 4:
-                out.add(fields[4].encode().decode("unicode_escape"))
+                out.add(_OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), fields[4]))
     return out
 
 
